@@ -1,0 +1,51 @@
+"""Shared fixtures: where the build put things, and the budgets printed after every run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "_build"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def chapter_sources() -> list[Path]:
+    """The notebook chapters: MyST markdown files whose front matter names a kernel."""
+    return [
+        p for p in sorted((ROOT / "chapters").glob("*.md"))
+        if p.read_text(encoding="utf-8").startswith("---") and "kernelspec:" in p.read_text(encoding="utf-8")[:600]
+    ]
+
+
+@pytest.fixture(scope="session")
+def executed_dir() -> Path:
+    path = BUILD / "executed"
+    if not path.exists():
+        pytest.fail("no executed notebooks: run `make book` (or `make test`, which builds first)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def site_dir() -> Path:
+    path = BUILD / "html"
+    if not (path / "index.html").exists():
+        pytest.fail("no website in _build/html: run `make book` (or `make test`, which builds first)")
+    return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the notebook budgets (seconds per notebook, from the last build) after every run."""
+    timings = BUILD / "timings.json"
+    if not timings.exists():
+        return
+    rows = json.loads(timings.read_text())
+    tr = terminalreporter
+    tr.section("notebook budgets (last build, 2 CPU cores)")
+    for row in rows:
+        flag = "" if row["seconds"] <= row["budget"] else "  OVER BUDGET"
+        tr.write_line(f"{row['notebook']:<52} {row['seconds']:>7.1f} s / {row['budget']} s{flag}")
+    tr.write_line(f"{'total':<52} {sum(r['seconds'] for r in rows):>7.1f} s / 1800 s")

@@ -1,0 +1,173 @@
+"""The built website, loaded page by page in headless Chromium, as a reader would see it."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import re
+import shutil
+import threading
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import nbformat
+import pytest
+
+from conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# sphinx-thebe's script is included twice by Jupyter Book 1 and redeclares a constant;
+# it is harmless (thebe is off) and the only page error we accept.
+BENIGN_PAGE_ERRORS = ("Identifier 'THEBE_JS_URL' has already been declared",)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(site_dir):
+    handler = functools.partial(_QuietHandler, directory=str(site_dir))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium not found: `make system` installs Debian's chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        yield browser
+        browser.close()
+
+
+def site_pages(site_dir: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(site_dir)) for p in site_dir.rglob("*.html")
+        if not p.relative_to(site_dir).parts[0].startswith("_")
+    )
+
+
+@pytest.fixture(scope="module")
+def loaded(browser, server, site_dir):
+    """Load every page once; record requests, errors, images, maths and links."""
+    results = {}
+    for rel in site_pages(site_dir):
+        page = browser.new_page()
+        record = {"failed": [], "external": [], "errors": []}
+        page.on("requestfailed", lambda r, rec=record: rec["failed"].append(r.url))
+        page.on("response", lambda r, rec=record: rec["failed"].append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        page.on("pageerror", lambda e, rec=record: rec["errors"].append(str(e)))
+
+        def block_external(route, rec=record):
+            if route.request.url.startswith(server) or route.request.url.startswith("data:"):
+                route.continue_()
+            else:
+                rec["external"].append(route.request.url)
+                route.abort()
+
+        page.route("**/*", block_external)
+        page.goto(f"{server}/{rel}", wait_until="networkidle")
+        page.evaluate("document.querySelectorAll('img[loading=lazy]').forEach(i => i.loading = 'eager')")
+        page.wait_for_load_state("networkidle")
+        page.wait_for_function("!window.MathJax || !MathJax.startup || MathJax.startup.promise", timeout=10000)
+        page.evaluate("window.MathJax && MathJax.startup ? MathJax.startup.promise : null")
+        record["url"] = page.url
+        record["images"] = page.evaluate("Array.from(document.images).map(i => [i.src.slice(0, 80), i.complete && i.naturalWidth > 0])")
+        record["math_nodes"] = page.locator(".math").count()
+        record["math_unrendered"] = page.evaluate("Array.from(document.querySelectorAll('.math')).filter(m => !m.querySelector('mjx-container')).length")
+        record["math_errors"] = page.locator("mjx-merror").count()
+        record["links"] = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.href)")
+        record["text"] = page.inner_text("body")
+        results[rel] = record
+        page.close()
+    return results
+
+
+def test_the_site_has_the_course_pages(site_dir):
+    pages = site_pages(site_dir)
+    for expected in ("index.html", "chapters/intro.html", "chapters/notation.html",
+                     "chapters/01_forward_process.html", "assignments/schedule_math/schedule_math.html"):
+        assert expected in pages
+
+
+def test_pages_load_with_no_failed_or_external_requests_and_no_errors(loaded):
+    for rel, rec in loaded.items():
+        assert not rec["failed"], f"{rel}: failed requests {rec['failed']}"
+        assert not rec["external"], f"{rel}: requests leave the site {rec['external']}"
+        errors = [e for e in rec["errors"] if not any(b in e for b in BENIGN_PAGE_ERRORS)]
+        assert not errors, f"{rel}: page errors {errors}"
+
+
+def test_every_image_loads(loaded):
+    for rel, rec in loaded.items():
+        broken = [src for src, ok in rec["images"] if not ok]
+        assert not broken, f"{rel}: images that did not load {broken}"
+    chapter = loaded["chapters/01_forward_process.html"]
+    assert len(chapter["images"]) >= 6, "chapter 1 shows its figures"
+
+
+def test_maths_is_rendered_by_the_vendored_mathjax(loaded):
+    for rel, rec in loaded.items():
+        assert rec["math_unrendered"] == 0, f"{rel}: {rec['math_unrendered']} formulas left as TeX"
+        assert rec["math_errors"] == 0, f"{rel}: MathJax errors"
+    assert loaded["chapters/01_forward_process.html"]["math_nodes"] >= 20
+
+
+def test_internal_links_are_whole(loaded, server, site_dir):
+    for rel, rec in loaded.items():
+        for href in rec["links"]:
+            if not href.startswith(server):
+                continue
+            parts = urlsplit(href)
+            target = site_dir / unquote(parts.path).lstrip("/")
+            if target.is_dir():
+                target = target / "index.html"
+            assert target.exists(), f"{rel}: broken link {href}"
+            if parts.fragment and target.suffix == ".html":
+                html = target.read_text(encoding="utf-8")
+                assert f'id="{parts.fragment}"' in html, f"{rel}: missing anchor {href}"
+
+
+def test_chapter_numbers_are_glued_from_the_computation(loaded):
+    """The prose quotes numbers computed by the notebook (myst-nb glue), never left empty."""
+    text = loaded["chapters/01_forward_process.html"]["text"]
+    assert re.search(r"x1 = \[0\.863, -0\.396\]", text)
+    assert re.search(r"gets there at\s+t\s*=\s*\d{3}", text), "the glued step number is in the prose"
+
+
+def test_player_plays_without_a_kernel(browser, server):
+    page = browser.new_page()
+    page.goto(f"{server}/chapters/01_forward_process.html", wait_until="networkidle")
+    img = page.locator(".animation img").first
+    first = img.get_attribute("src")
+    page.locator(".animation button[title='Next frame']").first.click()
+    assert img.get_attribute("src") != first, "the player's next-frame button changes the frame"
+    page.close()
+
+
+def test_student_pages_show_no_solutions_or_hidden_tests(loaded):
+    source = nbformat.read(ROOT / "solutions/schedule_math/schedule_math.ipynb", as_version=4)
+    secret = []
+    for cell in source.cells:
+        for marker, end in (("### BEGIN SOLUTION", "### END SOLUTION"), ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")):
+            for block in re.findall(re.escape(marker) + r"(.*?)" + re.escape(end), cell.source, re.S):
+                secret += [line.strip() for line in block.splitlines() if len(line.strip()) > 12]
+    assert secret, "the source notebook has solution and hidden-test lines to look for"
+    student = {rel: rec for rel, rec in loaded.items() if rel.startswith("assignments/")}
+    assert student
+    for rel, rec in student.items():
+        for forbidden in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
+            assert forbidden not in rec["text"], f"{rel} shows {forbidden!r}"
+        leaked = [line for line in secret if line in rec["text"]]
+        assert not leaked, f"{rel} shows solution or hidden-test lines: {leaked[:3]}"
