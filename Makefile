@@ -1,7 +1,8 @@
 # The course's commands. Two of them do everything on a fresh machine (see README.md):
 #   make book   set up, execute every notebook once, build the website into _build/html
 #   make test   set up, build, and run every test (what CI runs)
-# Others: make grade ASSIGNMENT=schedule_math (autograde submitted/), make clean.
+# Others: make grade ASSIGNMENT=schedule_math (autograde submitted/), make assignments
+# (regenerate the student notebooks from solutions/), make clean.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: book test setup system grade clean
+.PHONY: book test setup system grade assignments clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +43,10 @@ test: book
 
 grade: setup
 	$(PY) tools/grade.py $(ASSIGNMENT)
+
+# Regenerate every student notebook in assignments/ from solutions/ (never edit them by hand).
+assignments: setup
+	for d in solutions/*/; do PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m nbgrader generate_assignment "$$(basename $$d)" --force; done
 
 clean:
 	rm -rf _build
