@@ -220,3 +220,12 @@ def test_timestep_player_is_a_self_contained_animation():
     assert "<script" in html and html.count("data:image/png;base64") == 3
     assert "http://" not in html and "https://" not in html  # plays offline
     assert 'class="fa' not in html  # every icon replaced by a glyph that needs no web font
+
+
+def test_timestep_slider_spans_every_step():
+    """The live-notebook slider covers t = 0 .. T-1 and draws a frame when moved."""
+    s = helpers.get_schedule("cosine", T=50)
+    shown = plot.timestep_slider(torch.zeros(1, 8, 8), s.alpha_bar)
+    slider = shown.widget.children[0]
+    assert (slider.min, slider.max) == (0, 49)
+    slider.value = 25  # moving it re-runs the drawing function without error
