@@ -16,9 +16,12 @@ Notation and conventions (the same as the book's notation page)
 * ``alpha = 1 - beta``; ``alpha_bar[t] = prod_{s <= t} alpha[s]``;
   ``xt = sqrt(alpha_bar[t]) * x0 + sqrt(1 - alpha_bar[t]) * eps``;
   ``snr[t] = alpha_bar[t] / (1 - alpha_bar[t])``.
+* Modules: ``schedules``, ``diffusion`` (forward and reverse process), ``data``, ``models``,
+  ``training`` (one loop on accelerate), ``zoo`` (train once, load after), ``metrics``, ``plot``.
 * Device: CUDA when present, else MPS, else CPU (:func:`get_device`); float32 by default.
 """
 
+from helpers import diffusion, models, plot, training, zoo  # noqa: F401  (helpers.training etc.)
 from helpers.core import append_dims, get_device, seed_everything
 from helpers.data import (
     PHOTOS,
@@ -28,6 +31,13 @@ from helpers.data import (
     make_shapes,
 )
 from helpers.diffusion import q_sample, q_step
+from helpers.metrics import (
+    DigitClassifier,
+    DigitScores,
+    digit_classifier,
+    frechet_distance,
+    score_digits,
+)
 from helpers.schedules import (
     SCHEDULES,
     Schedule,
@@ -42,6 +52,8 @@ from helpers.schedules import (
 )
 
 __all__ = [
+    "DigitClassifier",
+    "DigitScores",
     "PHOTOS",
     "SCHEDULES",
     "Schedule",
@@ -49,7 +61,9 @@ __all__ = [
     "alpha_bar_from_betas",
     "append_dims",
     "cosine_betas",
+    "digit_classifier",
     "first_step_below",
+    "frechet_distance",
     "get_device",
     "get_schedule",
     "linear_betas",
@@ -59,6 +73,7 @@ __all__ = [
     "q_sample",
     "q_step",
     "scaled_linear_betas",
+    "score_digits",
     "seed_everything",
     "snr",
     "snr_db",

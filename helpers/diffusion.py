@@ -1,7 +1,8 @@
 """The forward process in closed form and one step at a time (DDPM, Ho et al. 2020).
 
 Larger ``t`` is noisier; ``t`` is an integer in ``[0, T)`` indexing ``alpha_bar``.
-Later chapters add the reverse process, DDIM, guidance and flow matching here.
+Chapter 2 adds the reverse process, the parameterisations and the loss; later chapters add
+DDIM, guidance and flow matching here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,22 @@ import torch
 
 from helpers.core import append_dims
 
-__all__ = ["q_sample", "q_step"]
+__all__ = [
+    "PREDICTION_TYPES",
+    "ddpm_sample",
+    "ddpm_step",
+    "denoise",
+    "diffusion_loss",
+    "eps_from_v",
+    "eps_from_x0",
+    "posterior_mean_variance",
+    "predicted_x0",
+    "q_sample",
+    "q_step",
+    "v_from_x0_eps",
+    "x0_from_eps",
+    "x0_from_v",
+]
 
 
 def _as_tensor_like(value, ref: torch.Tensor) -> torch.Tensor:
@@ -61,3 +77,169 @@ def q_step(x_prev: torch.Tensor, beta_t: float | torch.Tensor, eps: torch.Tensor
     if beta_t.ndim == 1:
         beta_t = append_dims(beta_t, x_prev.ndim)
     return (1 - beta_t).sqrt() * x_prev + beta_t.sqrt() * eps
+
+
+# --- parameterisations: what the network predicts -------------------------------------------
+# xt = sqrt(ab) x0 + sqrt(1 - ab) eps, and v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022).
+# Given xt and any one of (x0, eps, v), the others follow exactly.
+
+
+def _coef(alpha_bar_t, ref: torch.Tensor) -> torch.Tensor:
+    ab = _as_tensor_like(alpha_bar_t, ref)
+    return append_dims(ab, ref.ndim) if ab.ndim == 1 else ab
+
+
+def x0_from_eps(xt: torch.Tensor, eps: torch.Tensor, alpha_bar_t) -> torch.Tensor:
+    """``x0 = (xt - sqrt(1 - ab) eps) / sqrt(ab)`` (DDPM eq. 15)."""
+    ab = _coef(alpha_bar_t, xt)
+    return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def eps_from_x0(xt: torch.Tensor, x0: torch.Tensor, alpha_bar_t) -> torch.Tensor:
+    """``eps = (xt - sqrt(ab) x0) / sqrt(1 - ab)``."""
+    ab = _coef(alpha_bar_t, xt)
+    return (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+def v_from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t) -> torch.Tensor:
+    """The velocity target ``v = sqrt(ab) eps - sqrt(1 - ab) x0`` (Salimans & Ho 2022, sec. 4)."""
+    ab = _coef(alpha_bar_t, x0)
+    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+
+def x0_from_v(xt: torch.Tensor, v: torch.Tensor, alpha_bar_t) -> torch.Tensor:
+    """``x0 = sqrt(ab) xt - sqrt(1 - ab) v``."""
+    ab = _coef(alpha_bar_t, xt)
+    return ab.sqrt() * xt - (1 - ab).sqrt() * v
+
+
+def eps_from_v(xt: torch.Tensor, v: torch.Tensor, alpha_bar_t) -> torch.Tensor:
+    """``eps = sqrt(1 - ab) xt + sqrt(ab) v``."""
+    ab = _coef(alpha_bar_t, xt)
+    return (1 - ab).sqrt() * xt + ab.sqrt() * v
+
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # diffusers' names for eps, x0, v
+
+
+def predicted_x0(model_output: torch.Tensor, xt: torch.Tensor, alpha_bar_t, prediction_type: str = "epsilon"):
+    """The network's estimate of x0, whatever it was trained to predict."""
+    if prediction_type == "epsilon":
+        return x0_from_eps(xt, model_output, alpha_bar_t)
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return x0_from_v(xt, model_output, alpha_bar_t)
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+
+
+# --- the reverse process --------------------------------------------------------------------
+
+
+def posterior_mean_variance(
+    x0: torch.Tensor, xt: torch.Tensor, t: int, alpha_bar: torch.Tensor, prev_t: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``q(x_prev | x_t, x_0)`` (DDPM eqs. 6-7).
+
+    ``prev_t`` defaults to ``t - 1``; a larger jump (respaced sampling) uses the effective
+    ``beta = 1 - alpha_bar[t] / alpha_bar[prev_t]``. ``alpha_bar`` before step 0 is 1.
+    """
+    alpha_bar = _as_tensor_like(alpha_bar, xt)
+    prev_t = t - 1 if prev_t is None else prev_t
+    if not 0 <= t < len(alpha_bar) or not -1 <= prev_t < t:
+        raise ValueError(f"need 0 <= t < {len(alpha_bar)} and -1 <= prev_t < t; got t={t}, prev_t={prev_t}")
+    ab_t = alpha_bar[t]
+    ab_prev = alpha_bar[prev_t] if prev_t >= 0 else torch.ones_like(ab_t)
+    beta_t = 1 - ab_t / ab_prev
+    mean = (ab_prev.sqrt() * beta_t / (1 - ab_t)) * x0 + ((1 - beta_t).sqrt() * (1 - ab_prev) / (1 - ab_t)) * xt
+    variance = ((1 - ab_prev) / (1 - ab_t) * beta_t).clamp(min=1e-20)
+    return mean, variance
+
+
+def ddpm_step(
+    model_output: torch.Tensor,
+    t: int,
+    xt: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    prev_t: int | None = None,
+    prediction_type: str = "epsilon",
+    clip_x0: bool = False,
+) -> torch.Tensor:
+    """One ancestral DDPM step ``x_t -> x_prev`` (DDPM Algorithm 2, "fixed small" variance).
+
+    1. estimate x0 from the network's output;  2. optionally clip it to [-1, 1];
+    3. take the posterior mean of ``q(x_prev | x_t, x0)``;  4. add ``sigma_t * noise`` unless
+    ``t == 0``. Equal to ``DDPMScheduler.step`` given the same noise (``tests/test_diffusion.py``).
+    """
+    alpha_bar = _as_tensor_like(alpha_bar, xt)
+    x0 = predicted_x0(model_output, xt, alpha_bar[t], prediction_type)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    mean, variance = posterior_mean_variance(x0, xt, t, alpha_bar, prev_t)
+    if t == 0:
+        return mean
+    if noise is None:
+        raise ValueError("noise is required for t > 0 (pass torch.randn_like(xt), seeded)")
+    return mean + variance.sqrt() * noise
+
+
+def diffusion_loss(
+    model_output: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """The simple loss (Ho et al. 2020, L_simple): mean squared error against the chosen target."""
+    if prediction_type == "epsilon":
+        target = eps
+    elif prediction_type == "sample":
+        target = x0
+    elif prediction_type == "v_prediction":
+        target = v_from_x0_eps(x0, eps, alpha_bar_t)
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+    return torch.nn.functional.mse_loss(model_output, target)
+
+
+def denoise(model, x: torch.Tensor, t: torch.Tensor | int, **cond) -> torch.Tensor:
+    """Call a denoiser with the course's one signature ``model(x, t, **cond)``.
+
+    diffusers models return an output object; its ``.sample`` is unwrapped so that plain
+    ``nn.Module`` denoisers and diffusers models swap freely.
+    """
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(len(x))
+    out = model(x, t, **cond)
+    return out.sample if hasattr(out, "sample") else out
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model,
+    shape: tuple[int, ...],
+    alpha_bar: torch.Tensor,
+    num_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    prediction_type: str = "epsilon",
+    clip_x0: bool = True,
+    **cond,
+) -> torch.Tensor:
+    """Ancestral sampling from pure noise with :func:`ddpm_step` (DDPM Algorithm 2).
+
+    ``num_steps`` < T visits evenly spaced timesteps (``T-1 - k*T/num_steps``, as diffusers'
+    ``DDPMScheduler.set_timesteps`` does), each step jumping with the effective beta.
+    Noise is drawn on the CPU from ``generator`` so results repeat across devices.
+    """
+    T = len(alpha_bar)
+    num_steps = num_steps or T
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must lie in [1, {T}]; got {num_steps}")
+    alpha_bar = alpha_bar.to(device)
+    timesteps = (torch.arange(num_steps - 1, -1, -1) * (T // num_steps)).tolist()  # e.g. 990, 980, ..., 0
+    x = torch.randn(shape, generator=generator).to(device)
+    for i, t in enumerate(timesteps):
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        out = denoise(model, x, t, **cond)
+        noise = torch.randn(shape, generator=generator).to(device) if t > 0 else None
+        x = ddpm_step(out, t, x, alpha_bar, noise, prev_t, prediction_type, clip_x0)
+    return x

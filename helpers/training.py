@@ -1,0 +1,154 @@
+"""One training loop for every chapter, on accelerate (Ho et al. 2020, Algorithm 1 for diffusion).
+
+The same code runs on a CPU, one GPU, or several with ``accelerate launch``: accelerate places
+the model, wraps it for data parallelism and syncs gradients. Chapters write this loop out by
+hand once before they call :func:`train`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from helpers.core import append_dims, seed_everything
+from helpers.diffusion import diffusion_loss, q_sample
+
+__all__ = ["TrainResult", "diffusion_objective", "ema_update", "train"]
+
+
+@dataclass
+class TrainResult:
+    """What a training run leaves behind."""
+
+    model: torch.nn.Module  # the trained weights (unwrapped from accelerate)
+    ema: torch.nn.Module | None  # the exponential moving average of the weights: sample with this
+    losses: list[float]  # one per step
+    steps: int
+    seconds: float
+    snapshots: list[tuple[int, float, dict]] = field(default_factory=list)  # (step, seconds, EMA state)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model``, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def diffusion_objective(alpha_bar: torch.Tensor, prediction_type: str = "epsilon", **cond_keys) -> Callable:
+    """The DDPM training loss as a function ``loss(model, batch)``.
+
+    For each image: draw t uniformly from [0, T) and eps ~ N(0, I), form xt in closed form,
+    and regress the model's output on the target of ``prediction_type`` (eps, x0 or v).
+    ``batch`` is an image tensor, or a tuple whose first item is the images and whose other
+    items are passed to the model under the names given in ``cond_keys`` (position -> name).
+    """
+    T = len(alpha_bar)
+
+    def loss(model, batch) -> torch.Tensor:
+        x0, *extra = batch if isinstance(batch, (tuple, list)) else (batch,)
+        cond = {name: extra[int(pos)] for pos, name in cond_keys.items()}
+        ab = alpha_bar.to(x0.device)
+        t = torch.randint(0, T, (len(x0),), device=x0.device)
+        eps = torch.randn_like(x0)
+        xt = q_sample(x0, t, eps, ab)
+        out = model(xt, t, **cond)
+        out = out.sample if hasattr(out, "sample") else out
+        return diffusion_loss(out, x0, eps, append_dims(ab[t], x0.ndim), prediction_type)
+
+    return loss
+
+
+def train(
+    model: torch.nn.Module,
+    data: torch.Tensor | tuple[torch.Tensor, ...],
+    loss_fn: Callable,
+    *,
+    steps: int | None = None,
+    seconds: float | None = None,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 100,
+    ema_decay: float | None = 0.999,
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    cpu: bool = False,
+    snapshot_every: float | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` on in-memory ``data`` with AdamW for ``steps`` steps or ``seconds`` seconds.
+
+    Each step draws a random batch (with replacement; each process its own under
+    ``accelerate launch``), computes ``loss_fn(model, batch)``, clips the gradient norm to
+    ``grad_clip``, steps AdamW (linear warm-up, then a constant rate) and updates the EMA.
+    ``snapshot_every`` (seconds) keeps copies of the EMA weights to measure quality against
+    training time. Seeded and deterministic on the CPU for a step budget.
+    """
+    if (steps is None) == (seconds is None):
+        raise ValueError("give exactly one budget: steps=... or seconds=...")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive int; got {steps!r}")
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"seconds must be positive; got {seconds!r}")
+    tensors = data if isinstance(data, (tuple, list)) else (data,)
+    n = len(tensors[0])
+    if any(len(x) != n for x in tensors):
+        raise ValueError("every tensor in data must have the same length")
+
+    accelerator = Accelerator(cpu=cpu)
+    seed_everything(seed + accelerator.process_index)
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    if ema is not None:
+        ema.to(accelerator.device)
+    tensors = tuple(x.to(accelerator.device) for x in tensors)
+
+    losses, snapshots = [], []
+    start = last_snapshot = time.perf_counter()
+    total = steps if steps is not None else None
+    bar = tqdm(total=total, disable=not (progress and accelerator.is_local_main_process), mininterval=2.0,
+               desc="training", unit="step")
+    model.train()
+    step = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if (steps is not None and step >= steps) or (seconds is not None and elapsed >= seconds):
+            break
+        idx = torch.randint(0, n, (batch_size,), device=accelerator.device)
+        batch = tuple(x[idx] for x in tensors)
+        loss = loss_fn(model, batch if len(batch) > 1 else batch[0])
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            # Warm-up: average over at most the steps taken so far, so early weights fade fast.
+            ema_update(ema, accelerator.unwrap_model(model), min(ema_decay, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.4f}")
+        if snapshot_every and time.perf_counter() - last_snapshot >= snapshot_every:
+            last_snapshot = time.perf_counter()
+            source = ema if ema is not None else accelerator.unwrap_model(model)
+            snapshots.append((step, last_snapshot - start, copy.deepcopy(source.state_dict())))
+    bar.close()
+    model.eval()
+    if ema is not None:
+        ema.eval()
+    return TrainResult(accelerator.unwrap_model(model), ema, losses, step, time.perf_counter() - start, snapshots)

@@ -1,0 +1,66 @@
+"""The training loop and the zoo: losses fall, runs repeat, recipes cache and retrain."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import helpers
+from helpers import models, training, zoo
+
+
+def _tiny_run(steps=150, seed=0):
+    x0, _ = helpers.load_digits()
+    helpers.seed_everything(seed)  # the initial weights too
+    model = models.digits_unet(widths=(16, 32), attention=False)
+    objective = training.diffusion_objective(helpers.get_schedule("linear").alpha_bar)
+    return training.train(model, x0, objective, steps=steps, lr=2e-3, seed=seed, progress=False, batch_size=64)
+
+
+def test_diffusion_loss_falls_and_runs_repeat():
+    """The DDPM loss starts near 1 (predicting 0 for unit noise) and must fall well below it."""
+    a, b = _tiny_run(), _tiny_run()
+    first, last = sum(a.losses[:20]) / 20, sum(a.losses[-20:]) / 20
+    assert first > 0.5 and last < 0.6 * first, (first, last)
+    assert a.losses == b.losses, "same seed, same step budget: the same run on the CPU"
+    for pa, pb in zip(a.ema.parameters(), b.ema.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_ema_follows_the_weights_with_warm_up():
+    """EMA with decay d: ema <- d*ema + (1-d)*w; after the run it lies between init and final weights."""
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = ema.weight.clone()
+    training.ema_update(ema, model, 0.9)
+    torch.testing.assert_close(ema.weight, 0.9 * before + 0.1 * model.weight)
+    run = _tiny_run(steps=30)
+    assert not torch.equal(next(run.ema.parameters()), next(run.model.parameters()))
+
+
+def test_train_rejects_bad_budgets():
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="budget"):
+        training.train(model, torch.zeros(4, 1), lambda m, b: m(b).mean(), progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        training.train(model, torch.zeros(4, 1), lambda m, b: m(b).mean(), steps=0, progress=False)
+
+
+def test_zoo_trains_once_then_loads_the_same_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    tiny = dataclasses.replace(
+        zoo.RECIPES["digits_unet"], name="tiny", model_kwargs={"size": 8, "widths": [16, 32], "attention": False},
+        train_kwargs={"steps": 20, "batch_size": 32, "lr": 1e-3, "seed": 0},
+    )
+    monkeypatch.setitem(zoo.RECIPES, "tiny", tiny)
+    first = zoo.load("tiny", progress=False)
+    (folder,) = tmp_path.iterdir()
+    assert folder.name == f"tiny-{tiny.key()}" and (folder / "recipe.json").exists()
+    second = zoo.load("tiny", progress=False)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    # A changed recipe has a new key, so it trains anew into its own folder.
+    monkeypatch.setitem(zoo.RECIPES, "tiny", dataclasses.replace(tiny, train_kwargs={**tiny.train_kwargs, "steps": 21}))
+    zoo.load("tiny", progress=False)
+    assert len(list(tmp_path.iterdir())) == 2
+    with pytest.raises(ValueError, match="name"):
+        zoo.load("no-such-recipe")
