@@ -32,7 +32,7 @@ class TrainResult:
     losses: list[float]  # one per step
     steps: int
     seconds: float
-    snapshots: list[tuple[int, float, dict]] = field(default_factory=list)  # (step, seconds, EMA state)
+    snapshots: list[tuple[int, float, dict]] = field(default_factory=list)  # (step, seconds, EMA weights)
 
 
 @torch.no_grad()
@@ -81,7 +81,7 @@ def train(
     grad_clip: float | None = 1.0,
     seed: int = 0,
     cpu: bool = False,
-    snapshot_every: float | None = None,
+    snapshot_every: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` on in-memory ``data`` with AdamW for ``steps`` steps or ``seconds`` seconds.
@@ -89,7 +89,7 @@ def train(
     Each step draws a random batch (with replacement; each process its own under
     ``accelerate launch``), computes ``loss_fn(model, batch)``, clips the gradient norm to
     ``grad_clip``, steps AdamW (linear warm-up, then a constant rate) and updates the EMA.
-    ``snapshot_every`` (seconds) keeps copies of the EMA weights to measure quality against
+    ``snapshot_every`` (steps) keeps copies of the EMA weights to measure quality against
     training time. Seeded and deterministic on the CPU for a step budget.
     """
     if (steps is None) == (seconds is None):
@@ -114,7 +114,7 @@ def train(
     tensors = tuple(x.to(accelerator.device) for x in tensors)
 
     losses, snapshots = [], []
-    start = last_snapshot = time.perf_counter()
+    start = time.perf_counter()
     total = steps if steps is not None else None
     bar = tqdm(total=total, disable=not (progress and accelerator.is_local_main_process), mininterval=2.0,
                desc="training", unit="step")
@@ -143,10 +143,9 @@ def train(
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.4f}")
-        if snapshot_every and time.perf_counter() - last_snapshot >= snapshot_every:
-            last_snapshot = time.perf_counter()
+        if snapshot_every and step % snapshot_every == 0:
             source = ema if ema is not None else accelerator.unwrap_model(model)
-            snapshots.append((step, last_snapshot - start, copy.deepcopy(source.state_dict())))
+            snapshots.append((step, time.perf_counter() - start, copy.deepcopy(source.state_dict())))
     bar.close()
     model.eval()
     if ema is not None:

@@ -2,8 +2,9 @@
 
 Each test builds a throw-away course in tmp_path from the repository's nbgrader_config.py,
 solutions/ and tools/grade.py, submits notebooks to it as students would, runs the real
-``nbgrader`` commands and reads the scores back from the gradebook. Most submissions share
-one ``nbgrader autograde`` run (kernels take seconds to start). Nothing is written to the
+``nbgrader`` commands and reads the scores back from the gradebook. The same proofs run for
+every assignment in ASSIGNMENTS; the submissions of one assignment share one
+``nbgrader autograde`` run (kernels take seconds to start). Nothing is written to the
 repository.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import os
 import re
 import shutil
@@ -24,11 +26,107 @@ from nbgrader.api import Gradebook
 from traitlets.config.loader import PyFileConfigLoader
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSIGNMENT = "schedule_math"
-NOTEBOOK = f"{ASSIGNMENT}.ipynb"
-SOURCE = ROOT / "solutions" / ASSIGNMENT / NOTEBOOK
-RELEASE = ROOT / "assignments" / ASSIGNMENT / NOTEBOOK
 COURSE_ID = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config().CourseDirectory.course_id
+
+
+# ------------------------------------------------------------------------------ the assignments
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """One assignment and the submissions that prove it grades fairly."""
+
+    name: str
+    # Plausible wrong answers: student -> ((answer cell, old, new), the test cells it must fail).
+    # Only those: the tests of one function do not punish a student twice for a mistake made
+    # elsewhere, except tests that are about several functions by design ("putting it together").
+    mistakes: dict[str, tuple[tuple[str, str, str], set[str]]]
+    gutted: tuple[str, str]  # (mistake, the failing test the student replaces with `pass`)
+    deleted: tuple[str, str]  # (mistake, the failing test the student deletes)
+    after_markdown: str  # a test cell that follows a markdown cell, deleted from a correct notebook
+    loops: tuple[str, str]  # (answer cell given an infinite loop, the one test that calls it)
+
+    @property
+    def notebook(self) -> str:
+        return f"{self.name}.ipynb"
+
+    @property
+    def source(self) -> Path:
+        return ROOT / "solutions" / self.name / self.notebook
+
+    @property
+    def release(self) -> Path:
+        return ROOT / "assignments" / self.name / self.notebook
+
+
+SCHEDULE_MATH = Assignment(
+    name="schedule_math",
+    mistakes={
+        "alpha_bar_off_by_one": (  # alpha_bar[0] = 1: forgets that step 0 already adds noise
+            ("alpha_bar", "return torch.cumprod(1 - betas, dim=0)",
+             "return torch.cat([torch.ones(1, dtype=betas.dtype), torch.cumprod(1 - betas, dim=0)[:-1]])"),
+            {"test_alpha_bar", "test_linear_alpha_bar_first_step"}),
+        "q_sample_no_sqrt": (  # mixes with variances instead of standard deviations
+            ("q_sample", "alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps",
+             "alpha_bar_t * x0 + (1 - alpha_bar_t) * eps"),
+            {"test_q_sample"}),
+        "linear_reversed": (  # ramps from beta_end down to beta_start
+            ("linear_betas", "torch.linspace(beta_start, beta_end, T", "torch.linspace(beta_end, beta_start, T"),
+            {"test_linear_betas", "test_linear_alpha_bar_first_step"}),
+        "snr_inverted": (  # noise over signal
+            ("snr", "return alpha_bar / (1 - alpha_bar)", "return (1 - alpha_bar) / alpha_bar"),
+            {"test_snr"}),
+        "cosine_uncapped": (  # forgets max_beta, so the last beta is 1
+            ("cosine_betas", "return betas.clamp(max=max_beta)", "return betas"),
+            {"test_cosine_betas"}),
+        "first_step_not_strict": (  # <= instead of <
+            ("first_step_below", "(values < threshold)", "(values <= threshold)"),
+            {"test_first_step_below"}),
+    },
+    gutted=("snr_inverted", "test_snr"),
+    deleted=("q_sample_no_sqrt", "test_q_sample"),
+    after_markdown="test_linear_alpha_bar_first_step",
+    loops=("q_sample", "test_q_sample"),
+)
+
+REVERSE_STEP = Assignment(
+    name="reverse_step",
+    mistakes={
+        "posterior_alpha_bar_off_by_one": (  # alpha_bar of the step before where alpha_bar_t belongs
+            ("posterior_mean_variance", "beta_t, alpha_bar_t = betas[t], alpha_bar[t]",
+             "beta_t, alpha_bar_t = betas[t], alpha_bar[t - 1]"),
+            {"test_posterior_mean_variance"}),
+        "predict_x0_no_sqrt": (  # unmixes with variances instead of standard deviations
+            ("predict_x0", "(xt - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()",
+             "(xt - (1 - alpha_bar_t) * eps) / alpha_bar_t"),
+            {"test_predict_x0", "test_round_trips"}),
+        "v_sign_flipped": (  # sqrt(1 - ab) x0 - sqrt(ab) eps: the rotation the wrong way
+            ("v_from", "alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0",
+             "(1 - alpha_bar_t).sqrt() * x0 - alpha_bar_t.sqrt() * eps"),
+            {"test_v_from", "test_round_trips"}),
+        "ddpm_mean_beta_for_alpha_bar": (  # sqrt(beta_t) where sqrt(1 - alpha_bar_t) belongs
+            ("ddpm_step", "beta_t / (1 - alpha_bar_t).sqrt() * eps_pred", "beta_t / beta_t.sqrt() * eps_pred"),
+            {"test_ddpm_step"}),
+        "ddpm_variance_as_std": (  # sigma_t^2 * z instead of sigma_t * z
+            ("ddpm_step", "variance.sqrt() * z", "variance * z"),
+            {"test_ddpm_step"}),
+        "ddpm_noise_at_t0": (  # no special case for t = 0: alpha_bar[t - 1] wraps round to the last entry
+            ("ddpm_step", "    if t == 0:\n        return mean  # the last step adds no noise\n", ""),
+            {"test_ddpm_step"}),
+        "ddpm_alpha_bar_off_by_one": (  # visible tests pass; only the comparison with diffusers sees it
+            ("ddpm_step", "beta_t, alpha_bar_t = betas[t], alpha_bar[t]",
+             "beta_t, alpha_bar_t = betas[t], alpha_bar[t - 1]"),
+            {"test_ddpm_step"}),
+        "loss_sum": (  # the sum of squared errors: grows with batch and image size
+            ("simple_loss", "((eps_pred - eps) ** 2).mean()", "((eps_pred - eps) ** 2).sum()"),
+            {"test_simple_loss"}),
+    },
+    gutted=("v_sign_flipped", "test_v_from"),
+    deleted=("ddpm_variance_as_std", "test_ddpm_step"),
+    after_markdown="test_round_trips",
+    loops=("simple_loss", "test_simple_loss"),
+)
+
+ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP)}
+MISTAKES = [(a.name, student) for a in ASSIGNMENTS.values() for student in sorted(a.mistakes)]
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -62,10 +160,10 @@ def nbgrader(course: Path, *args: str) -> subprocess.CompletedProcess:
     return run(course, sys.executable, "-m", "nbgrader", *args)
 
 
-def submit(course: Path, student: str, nb) -> None:
-    folder = course / "submitted" / student / ASSIGNMENT
+def submit(course: Path, name: str, student: str, nb) -> None:
+    folder = course / "submitted" / student / name
     folder.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, folder / NOTEBOOK)
+    nbformat.write(nb, folder / ASSIGNMENTS[name].notebook)
 
 
 def grade_id(cell) -> str | None:
@@ -76,201 +174,220 @@ def cell(nb, gid: str):
     return next(c for c in nb.cells if grade_id(c) == gid)
 
 
-def source_nb():
-    return nbformat.read(SOURCE, as_version=4)
+def source_nb(name: str):
+    return nbformat.read(ASSIGNMENTS[name].source, as_version=4)
 
 
-def edited(gid: str, old: str, new: str, nb=None):
+def edited(name: str, gid: str, old: str, new: str, nb=None):
     """The solution notebook with one answer cell edited (a plausible student mistake)."""
-    nb = copy.deepcopy(nb or source_nb())
+    nb = copy.deepcopy(nb or source_nb(name))
     answer = cell(nb, gid)
     assert old in answer.source, f"the solution of {gid} changed: update this test's edit"
     answer.source = answer.source.replace(old, new)
     return nb
 
 
-def scores(course: Path, student: str) -> tuple[float, float, dict[str, float]]:
+def scores(course: Path, name: str, student: str) -> tuple[float, float, dict[str, float]]:
     """(score, max_score, {test cell: score}) from the gradebook."""
     with Gradebook(env(course)["NBGRADER_DB_URL"], COURSE_ID) as gb:
-        submission = gb.find_submission(ASSIGNMENT, student)
-        nb = gb.find_notebook(Path(NOTEBOOK).stem, ASSIGNMENT)
-        grades = {g.name: gb.find_grade(g.name, nb.name, ASSIGNMENT, student).score for g in nb.grade_cells}
+        submission = gb.find_submission(name, student)
+        nb = gb.find_notebook(name, name)
+        grades = {g.name: gb.find_grade(g.name, nb.name, name, student).score for g in nb.grade_cells}
         return submission.score, submission.max_score, grades
 
 
-def points() -> dict[str, float]:
+def points(name: str) -> dict[str, float]:
     """Points of every graded test cell, from the source notebook."""
-    return {grade_id(c): c.metadata.nbgrader["points"] for c in source_nb().cells
+    return {grade_id(c): c.metadata.nbgrader["points"] for c in source_nb(name).cells
             if c.metadata.get("nbgrader", {}).get("grade")}
 
 
-def lost(course: Path, student: str) -> set[str]:
+def lost(course: Path, name: str, student: str) -> set[str]:
     """The test cells on which this student lost points."""
-    _, _, grades = scores(course, student)
-    return {name for name, score in grades.items() if score < points()[name]}
+    _, _, grades = scores(course, name, student)
+    return {test for test, score in grades.items() if score < points(name)[test]}
 
 
-# Plausible wrong answers, and the test cells each must fail (and only those: the tests of
-# one function do not punish a student twice for a mistake made elsewhere, except the
-# "putting it together" test, which is about linear_betas + alpha_bar by design).
-MISTAKES = {
-    "alpha_bar_off_by_one": (  # alpha_bar[0] = 1: forgets that step 0 already adds noise
-        ("alpha_bar", "return torch.cumprod(1 - betas, dim=0)",
-         "return torch.cat([torch.ones(1, dtype=betas.dtype), torch.cumprod(1 - betas, dim=0)[:-1]])"),
-        {"test_alpha_bar", "test_linear_alpha_bar_first_step"}),
-    "q_sample_no_sqrt": (  # mixes with variances instead of standard deviations
-        ("q_sample", "alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps",
-         "alpha_bar_t * x0 + (1 - alpha_bar_t) * eps"),
-        {"test_q_sample"}),
-    "linear_reversed": (  # ramps from beta_end down to beta_start
-        ("linear_betas", "torch.linspace(beta_start, beta_end, T", "torch.linspace(beta_end, beta_start, T"),
-        {"test_linear_betas", "test_linear_alpha_bar_first_step"}),
-    "snr_inverted": (  # noise over signal
-        ("snr", "return alpha_bar / (1 - alpha_bar)", "return (1 - alpha_bar) / alpha_bar"),
-        {"test_snr"}),
-    "cosine_uncapped": (  # forgets max_beta, so the last beta is 1
-        ("cosine_betas", "return betas.clamp(max=max_beta)", "return betas"),
-        {"test_cosine_betas"}),
-    "first_step_not_strict": (  # <= instead of <
-        ("first_step_below", "(values < threshold)", "(values <= threshold)"),
-        {"test_first_step_below"}),
-}
-
-
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory) -> Path:
-    """One course, many students, one `nbgrader autograde` run."""
-    course = make_course(tmp_path_factory.mktemp("course"))
-    generated = nbgrader(course, "generate_assignment", ASSIGNMENT, "--force")
+def grade_everyone(course: Path, a: Assignment) -> Path:
+    """Submit the solution, the release, every mistake and the cheats; one `nbgrader autograde` run."""
+    generated = nbgrader(course, "generate_assignment", a.name, "--force")
     assert generated.returncode == 0, generated.stdout
 
-    submit(course, "solution", source_nb())
-    submit(course, "release", nbformat.read(RELEASE, as_version=4))
-    for student, (edit, _) in MISTAKES.items():
-        submit(course, student, edited(*edit))
+    submit(course, a.name, "solution", source_nb(a.name))
+    submit(course, a.name, "release", nbformat.read(a.release, as_version=4))
+    for student, (edit, _) in a.mistakes.items():
+        submit(course, a.name, student, edited(a.name, *edit))
 
-    # The inverted snr, and the student "fixes" the failing test by gutting it.
-    nb = edited(*MISTAKES["snr_inverted"][0])
-    cell(nb, "test_snr").source = "pass"
-    submit(course, "snr_inverted_test_gutted", nb)
+    # A mistake, and the student "fixes" the failing test by gutting it.
+    mistake, test = a.gutted
+    nb = edited(a.name, *a.mistakes[mistake][0])
+    cell(nb, test).source = "pass"
+    submit(course, a.name, f"{mistake}_test_gutted", nb)
 
-    # The missing square roots, and the student deletes the failing test.
-    nb = edited(*MISTAKES["q_sample_no_sqrt"][0])
-    nb.cells.remove(cell(nb, "test_q_sample"))
-    submit(course, "q_sample_no_sqrt_test_deleted", nb)
+    # A mistake, and the student deletes the failing test.
+    mistake, test = a.deleted
+    nb = edited(a.name, *a.mistakes[mistake][0])
+    nb.cells.remove(cell(nb, test))
+    submit(course, a.name, f"{mistake}_test_deleted", nb)
 
-    # A correct notebook without its last test cell (which follows a markdown cell).
-    nb = source_nb()
-    nb.cells.remove(cell(nb, "test_linear_alpha_bar_first_step"))
-    submit(course, "last_test_deleted", nb)
+    # A correct notebook without a test cell that follows a markdown cell.
+    nb = source_nb(a.name)
+    nb.cells.remove(cell(nb, a.after_markdown))
+    submit(course, a.name, "test_after_markdown_deleted", nb)
 
-    result = nbgrader(course, "autograde", ASSIGNMENT, "--create")
+    result = nbgrader(course, "autograde", a.name, "--create")
     assert result.returncode == 0, result.stdout
     return course
 
 
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """graded(name): the course in which every submission of that assignment was graded (once)."""
+    courses: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in courses:
+            courses[name] = grade_everyone(make_course(tmp_path_factory.mktemp(name)), ASSIGNMENTS[name])
+        return courses[name]
+
+    return get
+
+
+names = pytest.mark.parametrize("name", list(ASSIGNMENTS))
+
+
 # ------------------------------------------------------------------------------ the tests
-def test_solution_scores_full_marks(graded):
+@names
+def test_solution_scores_full_marks(graded, name):
     """The instructor's own answers must pass every visible and hidden test, or the tests are wrong."""
-    score, max_score, _ = scores(graded, "solution")
-    assert max_score == sum(points().values()) > 0
+    score, max_score, _ = scores(graded(name), name, "solution")
+    assert max_score == sum(points(name).values()) > 0
     assert score == max_score
 
 
-def test_untouched_release_scores_zero(graded):
+@names
+def test_untouched_release_scores_zero(graded, name):
     """Submitting the release unchanged earns nothing: no test passes on `raise NotImplementedError()`."""
-    score, max_score, grades = scores(graded, "release")
-    assert max_score == sum(points().values())
+    score, max_score, grades = scores(graded(name), name, "release")
+    assert max_score == sum(points(name).values())
     assert score == 0, grades
 
 
-@pytest.mark.parametrize("student", sorted(MISTAKES))
-def test_plausible_mistake_loses_the_points_of_its_tests(graded, student):
+@pytest.mark.parametrize("name, student", MISTAKES)
+def test_plausible_mistake_loses_the_points_of_its_tests(graded, name, student):
     """Each common mistake fails the tests aimed at its function (hidden tests included), and only those."""
-    score, max_score, _ = scores(graded, student)
-    expected = MISTAKES[student][1]
-    assert lost(graded, student) == expected
-    assert score == max_score - sum(points()[name] for name in expected)
+    score, max_score, _ = scores(graded(name), name, student)
+    expected = ASSIGNMENTS[name].mistakes[student][1]
+    assert lost(graded(name), name, student) == expected
+    assert score == max_score - sum(points(name)[test] for test in expected)
 
 
-def test_gutted_test_cell_is_restored(graded):
+@names
+def test_gutted_test_cell_is_restored(graded, name):
     """Replacing a test's body with `pass` does not help: grading runs the instructor's test cell."""
-    assert lost(graded, "snr_inverted_test_gutted") == {"test_snr"}
+    mistake, _ = ASSIGNMENTS[name].gutted
+    assert lost(graded(name), name, f"{mistake}_test_gutted") == ASSIGNMENTS[name].mistakes[mistake][1]
 
 
-def test_deleted_test_cell_is_restored_and_still_counts(graded):
+@names
+def test_deleted_test_cell_is_restored_and_still_counts(graded, name):
     """Deleting a failing test does not shrink the maximum: the cell is put back, run and failed."""
-    score, max_score, _ = scores(graded, "q_sample_no_sqrt_test_deleted")
-    assert max_score == sum(points().values())
-    assert lost(graded, "q_sample_no_sqrt_test_deleted") == {"test_q_sample"}
-    assert score == max_score - points()["test_q_sample"]
+    mistake, _ = ASSIGNMENTS[name].deleted
+    expected = ASSIGNMENTS[name].mistakes[mistake][1]
+    score, max_score, _ = scores(graded(name), name, f"{mistake}_test_deleted")
+    assert max_score == sum(points(name).values())
+    assert lost(graded(name), name, f"{mistake}_test_deleted") == expected
+    assert score == max_score - sum(points(name)[test] for test in expected)
 
 
-def test_deleted_test_after_markdown_is_restored(graded):
+@names
+def test_deleted_test_after_markdown_is_restored(graded, name):
     """nbgrader 0.9.6 crashes restoring a test whose previous source cell is locked markdown; ours avoid that."""
-    score, max_score, _ = scores(graded, "last_test_deleted")
-    assert score == max_score == sum(points().values())
+    nb = source_nb(name)
+    test = cell(nb, ASSIGNMENTS[name].after_markdown)
+    assert nb.cells[nb.cells.index(test) - 1].cell_type == "markdown", "pick a test that follows markdown"
+    score, max_score, _ = scores(graded(name), name, "test_after_markdown_deleted")
+    assert score == max_score == sum(points(name).values())
 
 
-def test_infinite_loop_costs_only_its_answer(graded):
+@names
+def test_every_test_cell_can_be_restored(name):
+    """The pitfall above, for every test cell: nbgrader puts a deleted test back after the source cell
+    (a cell with nbgrader metadata) before it, and crashes unless that one is an answer or a test.
+    Markdown right before a test therefore carries no nbgrader metadata."""
+    source_cells = [c for c in source_nb(name).cells if "nbgrader" in c.metadata]
+    for before, test in zip(source_cells, source_cells[1:]):
+        if test.metadata.nbgrader.get("grade"):
+            kind = before.metadata.nbgrader
+            assert kind.get("grade") or kind.get("solution"), \
+                f"{grade_id(test)} follows {grade_id(before)}: a deleted {grade_id(test)} could not be restored"
+
+
+@names
+def test_infinite_loop_costs_only_its_answer(graded, name):
     """A cell past the timeout is interrupted and fails; every other test still runs and earns its points."""
-    submit(graded, "loops", edited("q_sample", "### BEGIN SOLUTION", "while True:\n        pass"))
-    result = nbgrader(graded, "autograde", ASSIGNMENT, "--student=loops", "--create", "--Execute.timeout=10")
+    course, (answer, test) = graded(name), ASSIGNMENTS[name].loops
+    submit(course, name, "loops", edited(name, answer, "### BEGIN SOLUTION", "while True:\n        pass"))
+    result = nbgrader(course, "autograde", name, "--student=loops", "--create", "--Execute.timeout=10")
     assert result.returncode == 0, result.stdout
     assert "Timeout waiting for execute reply" in result.stdout
-    score, max_score, _ = scores(graded, "loops")
-    assert lost(graded, "loops") == {"test_q_sample"}
-    assert score == max_score - points()["test_q_sample"]
+    score, max_score, _ = scores(course, name, "loops")
+    assert lost(course, name, "loops") == {test}
+    assert score == max_score - points(name)[test]
 
 
 def test_grade_py_survives_a_crashing_student(tmp_path):
     """tools/grade.py grades everyone, reports the student whose kernel died, exports, then exits 1."""
+    name = "schedule_math"  # grade.py does not depend on the assignment
     course = make_course(tmp_path / "course")
     inbox = tmp_path / "inbox"  # --submitted: a folder outside the course
-    for student, nb in [("good", source_nb()),
-                        ("crashes", edited("alpha_bar", "### BEGIN SOLUTION", "import os; os._exit(1)"))]:
-        (inbox / student / ASSIGNMENT).mkdir(parents=True)
-        nbformat.write(nb, inbox / student / ASSIGNMENT / NOTEBOOK)
+    for student, nb in [("good", source_nb(name)),
+                        ("crashes", edited(name, "alpha_bar", "### BEGIN SOLUTION", "import os; os._exit(1)"))]:
+        (inbox / student / name).mkdir(parents=True)
+        nbformat.write(nb, inbox / student / name / f"{name}.ipynb")
 
-    result = run(course, sys.executable, "tools/grade.py", ASSIGNMENT, "--submitted", str(inbox))
+    result = run(course, sys.executable, "tools/grade.py", name, "--submitted", str(inbox))
     assert result.returncode == 1, result.stdout
     table = dict(re.findall(r"^(good|crashes) +(.+)$", result.stdout, re.M))
-    total = sum(points().values())
+    total = sum(points(name).values())
     assert table["good"] == f"{total:g} / {total:g}", result.stdout
     assert table["crashes"].startswith("FAILED: kernel died"), result.stdout
 
-    assert scores(course, "good")[0] == total
+    assert scores(course, name, "good")[0] == total
     with open(course / "grades.csv", newline="") as f:
-        rows = {row["student_id"]: row for row in csv.DictReader(f) if row["assignment"] == ASSIGNMENT}
+        rows = {row["student_id"]: row for row in csv.DictReader(f) if row["assignment"] == name}
     assert float(rows["good"]["score"]) == float(rows["good"]["max_score"]) == total, rows
-    assert (course / "feedback" / "good" / ASSIGNMENT / f"{ASSIGNMENT}.html").exists()
+    assert (course / "feedback" / "good" / name / f"{name}.html").exists()
     assert not (tmp_path / "course" / "assignments").exists(), "grade.py must not rewrite the release"
 
 
-def test_release_is_generated_from_solutions(graded):
+@names
+def test_release_is_generated_from_solutions(graded, name):
     """assignments/ is exactly what `nbgrader generate_assignment` makes of solutions/: no drift."""
-    fresh = nbformat.read(graded / "assignments" / ASSIGNMENT / NOTEBOOK, as_version=4)
-    committed = nbformat.read(RELEASE, as_version=4)
+    a = ASSIGNMENTS[name]
+    fresh = nbformat.read(graded(name) / "assignments" / name / a.notebook, as_version=4)
+    committed = nbformat.read(a.release, as_version=4)
     assert fresh.metadata == committed.metadata
     assert [(c.cell_type, c.source, c.metadata) for c in fresh.cells] == \
         [(c.cell_type, c.source, c.metadata) for c in committed.cells]
     assert all(not c.get("outputs") for c in committed.cells), "commit the release without outputs"
 
 
-def block(source: str, name: str) -> list[str]:
-    """The stripped, non-blank lines between ### BEGIN name and ### END name."""
-    found = re.findall(rf"### BEGIN {name}\n(.*?)### END {name}", source, re.S)
+def block(source: str, marker: str) -> list[str]:
+    """The stripped, non-blank lines between ### BEGIN marker and ### END marker."""
+    found = re.findall(rf"### BEGIN {marker}\n(.*?)### END {marker}", source, re.S)
     return [line.strip() for text in found for line in text.splitlines() if line.strip()]
 
 
-def test_release_contains_no_answers_or_hidden_tests():
+@names
+def test_release_contains_no_answers_or_hidden_tests(name):
     """Students must not find the answers or the hidden tests in the notebook they are given."""
-    text = RELEASE.read_text()
+    text = ASSIGNMENTS[name].release.read_text()
     for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
         assert marker not in text
-    release = {grade_id(c): c.source for c in nbformat.read(RELEASE, as_version=4).cells}
+    release = {grade_id(c): c.source for c in nbformat.read(ASSIGNMENTS[name].release, as_version=4).cells}
     checked = 0
-    for source_cell in source_nb().cells:
+    for source_cell in source_nb(name).cells:
         src = source_cell.source
         secret = block(src, "SOLUTION") + block(src, "HIDDEN TESTS")
         if not secret:
