@@ -15,6 +15,8 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Trained models (helpers.zoo) are cached inside the build, so a clean build retrains them all.
+export COURSE_CACHE := $(CURDIR)/_build/cache
 
 .PHONY: book test setup system grade assignments clean
 

@@ -129,10 +129,6 @@ def _fit(model: DigitClassifier, x_train: torch.Tensor, y_train: torch.Tensor, g
         sched.step()
 
 
-def _cache_dir() -> str:
-    return os.environ.get("COURSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-course")
-
-
 def _recipe_hash(seed: int) -> str:
     recipe = dict(RECIPE, seed=seed, version=RECIPE_VERSION)
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -140,7 +136,9 @@ def _recipe_hash(seed: int) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _load_or_train(seed: int, device: str) -> DigitClassifier:
-    path = os.path.join(_cache_dir(), f"digit_classifier-{_recipe_hash(seed)}.pt")
+    from helpers.zoo import cache_dir  # one cache folder for every trained artefact
+
+    path = os.path.join(cache_dir(), f"digit_classifier-{_recipe_hash(seed)}.pt")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # missing or unreadable: retrain

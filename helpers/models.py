@@ -11,9 +11,9 @@ from diffusers import UNet2DModel
 __all__ = ["count_parameters", "digits_unet"]
 
 
-def count_parameters(model) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def count_parameters(model, trainable_only: bool = False) -> int:
+    """Number of parameters (only those with ``requires_grad`` if ``trainable_only``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def digits_unet(

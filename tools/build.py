@@ -62,6 +62,7 @@ def execute(pairs: list[tuple[Path, Path]], parameters: dict) -> list[dict]:
 
     env_note = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     os.environ.update(env_note)
+    os.environ.setdefault("COURSE_CACHE", str(BUILD / "cache"))  # helpers.zoo: retrained by a clean build
     timings = []
     for source, runnable in pairs:
         rel = source.relative_to(ROOT).with_suffix(".ipynb")
