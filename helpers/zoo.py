@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["RECIPES", "Recipe", "cache_dir", "history", "load"]
+__all__ = ["RECIPES", "Recipe", "build", "cache_dir", "history", "load"]
 
 
 def cache_dir() -> Path:
@@ -63,15 +63,26 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def build(name: str):
+    """A fresh, untrained model with recipe ``name``'s architecture (e.g. to load a snapshot into)."""
+    from helpers import models
+
+    if name not in RECIPES:
+        raise ValueError(f"name must be one of {sorted(RECIPES)}; got {name!r}")
+    recipe = RECIPES[name]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model_kwargs.items()}  # JSON lists
+    return getattr(models, recipe.model)(**kwargs)
+
+
 def _train(recipe: Recipe, progress: bool):
     import helpers
-    from helpers import models, training
+    from helpers import training
 
     if recipe.data != "digits":
         raise ValueError(f"recipe {recipe.name}: unknown data {recipe.data!r}")
     x0, _ = helpers.load_digits(recipe.model_kwargs.get("size", 8))
     helpers.seed_everything(recipe.train_kwargs.get("seed", 0))  # the initial weights are part of the recipe
-    model = getattr(models, recipe.model)(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model_kwargs.items()})
+    model = build(recipe.name)
     alpha_bar = helpers.get_schedule(recipe.schedule).alpha_bar
     objective = training.diffusion_objective(alpha_bar, recipe.prediction_type)
     result = training.train(model, x0, objective, progress=progress, **recipe.train_kwargs)
@@ -104,9 +115,7 @@ def load(name: str, device: torch.device | str = "cpu", progress: bool = True, r
     """
     folder = _folder(name)
     recipe = RECIPES[name]
-    from helpers import models
-
-    model_class = type(getattr(models, recipe.model)(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model_kwargs.items()}))
+    model_class = type(build(name))
     if (folder / "recipe.json").exists() and not retrain:
         model = model_class.from_pretrained(folder)
         print(f"zoo: loaded {name} from {folder}")
