@@ -10,12 +10,9 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
-import matplotlib
-
-matplotlib.rcParams.setdefault("animation.embed_limit", 40.0)
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import animation  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from matplotlib import animation
 
 __all__ = [
     "image_grid",
