@@ -13,6 +13,7 @@ from helpers.core import append_dims
 
 __all__ = [
     "PREDICTION_TYPES",
+    "classifier_free_guidance",
     "ddpm_sample",
     "ddpm_step",
     "denoise",
@@ -243,3 +244,16 @@ def ddpm_sample(
         noise = torch.randn(shape, generator=generator).to(device) if t > 0 else None
         x = ddpm_step(out, t, x, alpha_bar, noise, prev_t, prediction_type, clip_x0)
     return x
+
+
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022) in diffusers' convention.
+
+    ``eps_uncond + w * (eps_cond - eps_uncond)``: ``w = 0`` is unconditional, ``w = 1`` the
+    plain conditional prediction, ``w > 1`` extrapolates past it. The paper writes
+    ``(1 + w') eps_cond - w' eps_uncond``, the same thing with ``w = 1 + w'``.
+    """
+    if eps_uncond.shape != eps_cond.shape:
+        raise ValueError(f"eps_uncond and eps_cond must have the same shape; got "
+                         f"{tuple(eps_uncond.shape)} and {tuple(eps_cond.shape)}")
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
