@@ -1,8 +1,9 @@
 """The forward process in closed form and one step at a time (DDPM, Ho et al. 2020).
 
 Larger ``t`` is noisier; ``t`` is an integer in ``[0, T)`` indexing ``alpha_bar``.
-Chapter 2 adds the reverse process, the parameterisations and the loss; later chapters add
-DDIM, guidance and flow matching here.
+Chapter 2 adds the reverse process, the parameterisations and the loss; chapter 4
+classifier-free guidance; chapter 6 DDIM (:func:`ddim_timesteps`, :func:`ddim_step`,
+:func:`ddim_sample`, :func:`ddim_invert`); later chapters add flow matching here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from helpers.core import append_dims
 __all__ = [
     "PREDICTION_TYPES",
     "classifier_free_guidance",
+    "ddim_invert",
+    "ddim_sample",
+    "ddim_step",
+    "ddim_timesteps",
     "ddpm_sample",
     "ddpm_step",
     "denoise",
@@ -257,3 +262,148 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, g
         raise ValueError(f"eps_uncond and eps_cond must have the same shape; got "
                          f"{tuple(eps_uncond.shape)} and {tuple(eps_cond.shape)}")
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+# --- DDIM (Song, Meng & Ermon 2021) ---------------------------------------------------------
+# The same trained eps-network, a different reverse process: eq. 12 of the paper jumps between
+# any two timesteps, with a noise level sigma chosen by eta (0: deterministic, 1: DDPM's).
+
+
+def _check_int(value, name: str) -> int:
+    try:
+        if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype.is_floating_point):
+            raise TypeError
+        return int(value.__index__())  # ints and integer 0-d tensors, not floats
+    except (TypeError, AttributeError, RuntimeError, ValueError):
+        raise ValueError(f"{name} must be an integer; got {value!r}") from None
+
+
+def ddim_timesteps(num_steps: int, T: int = 1000) -> list[int]:
+    """The timesteps a ``num_steps``-step DDIM sampler visits, descending ("leading" spacing).
+
+    ``k * (T // num_steps)`` for ``k = num_steps - 1, ..., 0``: 10 steps of ``T = 1000`` visit
+    900, 800, ..., 0. Equal to ``DDIMScheduler.set_timesteps(num_steps).timesteps`` with its
+    defaults (``timestep_spacing="leading"``, ``steps_offset=0``). The first timestep is
+    ``T - 1`` only when ``num_steps == T``: 5 steps start at 800, not 999.
+    """
+    num_steps, T = _check_int(num_steps, "num_steps"), _check_int(T, "T")
+    if T < 1:
+        raise ValueError(f"T must be >= 1; got {T}")
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must lie in [1, T={T}]; got {num_steps}")
+    return [k * (T // num_steps) for k in range(num_steps - 1, -1, -1)]
+
+
+def ddim_step(
+    model_output: torch.Tensor,
+    t: int,
+    xt: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    prev_t: int,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+    clip_x0: bool = False,
+) -> torch.Tensor:
+    """One DDIM step ``x_t -> x_prev`` (Song et al. 2021, eq. 12; sigma from eq. 16):
+
+    ``x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma noise``,
+    ``sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)``.
+
+    ``prev_t`` is any earlier timestep, ``-1`` for the clean end (``alpha_bar = 1``, diffusers'
+    ``set_alpha_to_one=True``). ``eta = 0`` is deterministic DDIM; ``eta = 1`` makes sigma^2 the
+    DDPM posterior variance, and the step equals :func:`ddpm_step` given the same noise and the
+    same ``x0_hat``. With ``clip_x0`` only ``x0_hat`` is clipped, ``eps_hat`` stays the network's
+    (diffusers' default ``use_clipped_model_output=False``). Equal to
+    ``DDIMScheduler.step(model_output, t, xt, eta, variance_noise=noise)`` (``tests/test_ddim.py``).
+    """
+    alpha_bar = _as_tensor_like(alpha_bar, xt)
+    t, prev_t = _check_int(t, "t"), _check_int(prev_t, "prev_t")
+    if not 0 <= t < len(alpha_bar) or not -1 <= prev_t < t:
+        raise ValueError(f"need 0 <= t < {len(alpha_bar)} and -1 <= prev_t < t; got t={t}, prev_t={prev_t}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must lie in [0, 1] (0: DDIM, 1: DDPM's variance); got {eta!r}")
+    ab_t = alpha_bar[t]
+    ab_prev = alpha_bar[prev_t] if prev_t >= 0 else torch.ones_like(ab_t)
+    x0 = predicted_x0(model_output, xt, ab_t, prediction_type)  # 1. x0_hat
+    if prediction_type == "epsilon":  # 2. eps_hat, from the unclipped x0_hat
+        eps = model_output
+    elif prediction_type == "sample":
+        eps = eps_from_x0(xt, model_output, ab_t)
+    else:
+        eps = eps_from_v(xt, model_output, ab_t)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()  # 3. eq. 16
+    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).sqrt() * eps  # 4. eq. 12 without noise
+    if eta > 0 and prev_t >= 0:  # at the clean end sigma = 0: no noise needed
+        if noise is None:
+            raise ValueError("noise is required when eta > 0 (pass torch.randn_like(xt), seeded)")
+        if noise.shape != xt.shape:
+            raise ValueError(f"noise must have xt's shape {tuple(xt.shape)}; got {tuple(noise.shape)}")
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+@torch.no_grad()
+def ddim_sample(
+    model,
+    shape: tuple[int, ...],
+    alpha_bar: torch.Tensor,
+    num_steps: int,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    prediction_type: str = "epsilon",
+    clip_x0: bool = True,
+    xT: torch.Tensor | None = None,
+    **cond,
+) -> torch.Tensor:
+    """DDIM sampling: :func:`ddim_step` over :func:`ddim_timesteps` (Song et al. 2021, sec. 4.2).
+
+    Starts from ``xT`` if given (e.g. the latent of :func:`ddim_invert`), else from noise drawn
+    on the CPU from ``generator``; with ``eta > 0`` every step draws fresh noise from the same
+    generator, in the order diffusers' ``DDIMScheduler.step(..., generator=...)`` does, so the
+    two loops give the same images. ``num_steps = T`` and ``eta = 1`` is DDPM.
+    """
+    T = len(alpha_bar)
+    timesteps = ddim_timesteps(num_steps, T)  # validates num_steps
+    alpha_bar = alpha_bar.to(device)
+    if xT is None:
+        x = torch.randn(shape, generator=generator).to(device)
+    elif tuple(xT.shape) != tuple(shape):
+        raise ValueError(f"xT has shape {tuple(xT.shape)} but shape is {tuple(shape)}")
+    else:
+        x = xT.to(device)
+    for i, t in enumerate(timesteps):
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        out = denoise(model, x, t, **cond)
+        noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
+        x = ddim_step(out, t, x, alpha_bar, prev_t, eta, noise, prediction_type, clip_x0)
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(model, x0: torch.Tensor, alpha_bar: torch.Tensor, num_steps: int, **cond) -> torch.Tensor:
+    """DDIM inversion: the deterministic DDIM update run forwards, from ``x0`` to its noise latent.
+
+    Visits ``ddim_timesteps(num_steps)`` in ascending order, from the clean end (``alpha_bar =
+    1``) to the sampler's first timestep, and returns the latent ``xT`` there, so that
+    ``ddim_sample(..., num_steps, xT=xT, clip_x0=False)`` maps it back to (about) ``x0``. Each
+    step ``s -> t`` solves eq. 12 (``eta = 0``) for the noisier point,
+    ``x_t = sqrt(ab_t) (x_s - sqrt(1 - ab_s) eps) / sqrt(ab_s) + sqrt(1 - ab_t) eps``.
+    The exact inverse needs ``eps_theta(x_t, t)`` at the unknown ``x_t``; like diffusers'
+    ``DDIMInverseScheduler`` we use ``eps_theta(x_s, t)``, an error that shrinks with the step
+    size. A predictor that returns the true noise makes the round trip exact at any step count.
+    The model must predict eps (``prediction_type="epsilon"``).
+    """
+    alpha_bar = _as_tensor_like(alpha_bar, x0)
+    ab_s = torch.ones_like(alpha_bar[0])  # the clean end
+    x = x0
+    for t in reversed(ddim_timesteps(num_steps, len(alpha_bar))):  # 0, T // n, ..., ascending
+        eps = denoise(model, x, t, **cond)
+        ab_t = alpha_bar[t]
+        x0_hat = (x - (1 - ab_s).sqrt() * eps) / ab_s.sqrt()
+        x = ab_t.sqrt() * x0_hat + (1 - ab_t).sqrt() * eps
+        ab_s = ab_t
+    return x
