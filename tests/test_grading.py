@@ -125,7 +125,85 @@ REVERSE_STEP = Assignment(
     loops=("simple_loss", "test_simple_loss"),
 )
 
-ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP)}
+CFG_ARITHMETIC = Assignment(
+    name="cfg_arithmetic",
+    mistakes={
+        "guidance_sign_flipped": (  # steps away from the prompt: eps_u + w (eps_u - eps_c)
+            ("cfg_combine", "w * (eps_cond - eps_uncond)", "w * (eps_uncond - eps_cond)"),
+            {"test_cfg_combine"}),
+        "guidance_from_the_cond_side": (  # starts at the conditional prediction and guides the unconditional one
+            ("cfg_combine", "return eps_uncond + w * (eps_cond - eps_uncond)",
+             "return eps_cond + w * (eps_uncond - eps_cond)"),
+            {"test_cfg_combine"}),
+        "paper_off_by_one": (  # the paper's w used as if it were diffusers' (w where 1 + w belongs)
+            ("cfg_paper", "(1 + w_paper) * eps_cond - w_paper * eps_uncond",
+             "w_paper * eps_cond - (w_paper - 1) * eps_uncond"),
+            {"test_cfg_paper"}),
+        "conversion_backwards": (  # w_diffusers = w_paper - 1
+            ("paper_to_diffusers", "return 1 + w_paper", "return w_paper - 1"),
+            {"test_paper_to_diffusers"}),
+        "batched_halves_swapped": (  # the prompt's embeddings first, but the output split as if unconditional first
+            ("batched_predictions", "torch.cat([emb_uncond, emb_cond])", "torch.cat([emb_cond, emb_uncond])"),
+            {"test_batched_predictions", "test_batched_order"}),
+        "batched_cond_first": (  # consistent, so the pair is right, but not diffusers' order
+            ("batched_predictions",
+             "torch.cat([emb_uncond, emb_cond])  # (2B, L, D): the empty prompt first, as diffusers does\n"
+             "    eps = model(x_in, t, encoder_hidden_states=emb)  # (2B, C, H, W)\n"
+             "    eps_uncond, eps_cond = eps.chunk(2)",
+             "torch.cat([emb_cond, emb_uncond])\n"
+             "    eps = model(x_in, t, encoder_hidden_states=emb)\n"
+             "    eps_cond, eps_uncond = eps.chunk(2)"),
+            {"test_batched_order"}),
+        "budget_batching_is_free": (  # counts the calls as the evaluations: forgets the doubled batch
+            ("evaluation_budget", "num_steps * calls_per_step, num_steps * evaluations_per_step",
+             "num_steps * calls_per_step, num_steps * calls_per_step"),
+            {"test_evaluation_budget"}),
+        "negative_sign_flipped": (  # guides towards the negative prompt
+            ("negative_prompt_guidance", "w * (eps_cond - eps_neg)", "w * (eps_neg - eps_cond)"),
+            {"test_negative_prompt_guidance"}),
+    },
+    gutted=("guidance_sign_flipped", "test_cfg_combine"),
+    deleted=("paper_off_by_one", "test_cfg_paper"),
+    after_markdown="test_batched_order",
+    loops=("evaluation_budget", "test_evaluation_budget"),
+)
+
+DDIM_RECONSTRUCTION = Assignment(
+    name="ddim_reconstruction",
+    mistakes={
+        "timesteps_ascending": (  # cleanest first: the sampler would start at t = 0
+            ("ddim_timesteps", "torch.arange(num_steps).flip(0) * k", "torch.arange(num_steps) * k"),
+            {"test_ddim_timesteps"}),
+        "timesteps_off_by_one": (  # k, 2k, ..., num_steps * k: starts at T, one past the last step
+            ("ddim_timesteps", "torch.arange(num_steps).flip(0) * k", "torch.arange(1, num_steps + 1).flip(0) * k"),
+            {"test_ddim_timesteps"}),
+        "step_alpha_bar_of_t_minus_1": (  # DDPM's previous step where DDIM's t_prev belongs
+            ("ddim_step", "alpha_bar[t_prev] if t_prev >= 0", "alpha_bar[t - 1] if t_prev >= 0"),
+            {"test_ddim_step", "test_ddim_step_eta", "test_reconstruction_error"}),
+        "step_final_alpha_wraps": (  # alpha_bar[-1] (the noisiest entry) where the clean image's 1 belongs
+            ("ddim_step", "alpha_bar[t_prev] if t_prev >= 0 else torch.ones_like(alpha_bar_t)", "alpha_bar[t_prev]"),
+            {"test_ddim_step", "test_ddim_step_eta", "test_reconstruction_error"}),
+        "step_eta_ignored": (  # sigma is always 0: eta > 0 adds no noise
+            ("ddim_step", "sigma = eta * (", "sigma = 0 * ("),
+            {"test_ddim_step_eta"}),
+        "invert_wrong_direction": (  # runs the sampling step (towards less noise) instead of its inverse
+            ("ddim_invert_step",
+             "x0_pred = (x_prev - (1 - alpha_bar_prev).sqrt() * eps_pred) / alpha_bar_prev.sqrt()\n"
+             "    return alpha_bar_t.sqrt() * x0_pred + (1 - alpha_bar_t).sqrt() * eps_pred",
+             "x0_pred = (x_prev - (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_bar_t.sqrt()\n"
+             "    return alpha_bar_prev.sqrt() * x0_pred + (1 - alpha_bar_prev).sqrt() * eps_pred"),
+            {"test_ddim_invert_step", "test_reconstruction_error"}),
+        "round_trip_asks_at_t_prev": (  # inversion asks the network at t_prev, which is -1 at the first step
+            ("reconstruction_error", "eps_model(x, t), t_prev, t, alpha_bar)", "eps_model(x, t_prev), t_prev, t, alpha_bar)"),
+            {"test_reconstruction_error"}),
+    },
+    gutted=("step_eta_ignored", "test_ddim_step_eta"),
+    deleted=("timesteps_ascending", "test_ddim_timesteps"),
+    after_markdown="test_ddim_step_eta",
+    loops=("ddim_timesteps", "test_ddim_timesteps"),
+)
+
+ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP, CFG_ARITHMETIC, DDIM_RECONSTRUCTION)}
 MISTAKES = [(a.name, student) for a in ASSIGNMENTS.values() for student in sorted(a.mistakes)]
 
 
