@@ -20,6 +20,8 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "Shapes",
+    "all_captions",
+    "caption_attributes",
     "load_digits",
     "load_photo",
     "make_shapes",
@@ -123,6 +125,26 @@ def _caption(colour: str, shape: str, position: str, size: str) -> str:
         f"on the {position}" if position in ("left", "right") else f"at the {position}"
     )
     return f"a {size} {colour} {shape} {where}"
+
+
+def all_captions() -> list[str]:
+    """The 180 distinct captions of :func:`make_shapes`, in a fixed order."""
+    return [_caption(c, s, p, z) for c in COLOURS for s in SHAPES for p in POSITIONS for z in SIZES]
+
+
+def caption_attributes(captions: list[str]) -> dict[str, torch.Tensor]:
+    """Parse captions back into attribute indices: ``{"colour", "shape", "position", "size"}`` -> ``(N,)``.
+
+    Each caption must be one :func:`make_shapes` writes, e.g. ``"a large red circle on the left"``.
+    """
+    index = {_caption(c, s, p, z): (ci, si, pi, zi)
+             for ci, c in enumerate(COLOURS) for si, s in enumerate(SHAPES)
+             for pi, p in enumerate(POSITIONS) for zi, z in enumerate(SIZES)}
+    unknown = [c for c in captions if c not in index]
+    if unknown:
+        raise ValueError(f"captions must be shapes captions like 'a large red circle on the left'; got {unknown[:3]}")
+    rows = torch.tensor([index[c] for c in captions], dtype=torch.int64).reshape(-1, 4)
+    return dict(zip(("colour", "shape", "position", "size"), rows.T))
 
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, side: int) -> np.ndarray:

@@ -26,9 +26,13 @@ import torch.nn.functional as F
 __all__ = [
     "DigitClassifier",
     "DigitScores",
+    "ShapesJudge",
+    "ShapesScores",
     "digit_classifier",
     "frechet_distance",
     "score_digits",
+    "score_shapes",
+    "shapes_judge",
 ]
 
 # Bump when anything that changes the trained weights changes without showing up in RECIPE
@@ -134,15 +138,15 @@ def _recipe_hash(seed: int) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-@functools.lru_cache(maxsize=None)
-def _load_or_train(seed: int, device: str) -> DigitClassifier:
+def _cached_weights(name: str, recipe_hash: str, train) -> dict:
+    """``train()``'s ``{"state_dict", "test_accuracy"}``, kept in the zoo's cache folder under ``name-hash``."""
     from helpers.zoo import cache_dir  # one cache folder for every trained artefact
 
-    path = os.path.join(cache_dir(), f"digit_classifier-{_recipe_hash(seed)}.pt")
+    path = os.path.join(cache_dir(), f"{name}-{recipe_hash}.pt")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # missing or unreadable: retrain
-        state, accuracy = _train(seed)
+        state, accuracy = train()
         saved = {"state_dict": state, "test_accuracy": accuracy}
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -151,6 +155,12 @@ def _load_or_train(seed: int, device: str) -> DigitClassifier:
             os.replace(tmp, path)  # atomic: a half-written file is never read
         except OSError:
             pass  # a read-only cache only costs a retrain next time
+        return saved
+
+
+@functools.lru_cache(maxsize=None)
+def _load_or_train(seed: int, device: str) -> DigitClassifier:
+    saved = _cached_weights("digit_classifier", _recipe_hash(seed), lambda: _train(seed))
     model = DigitClassifier(RECIPE["width"], RECIPE["feature_dim"])
     model.load_state_dict(saved["state_dict"])
     model.test_accuracy = float(saved["test_accuracy"])
@@ -324,4 +334,142 @@ def score_digits(
         coverage=int((counts > 0).sum()),
         class_counts=counts.tolist(),
         n=n,
+    )
+
+
+# --- judging generated shapes: did the prompt's colour, shape, position and size come out? ------
+
+SHAPES_RECIPE = dict(width=32, feature_dim=128, steps=600, batch_size=128, lr=2e-3, n_train=6000, n_test=1000,
+                     seed=11, version=1)  # fmt: skip
+ATTRIBUTES = ("colour", "shape", "position", "size")
+
+
+class ShapesJudge(nn.Module):
+    """A small CNN that reads a 32x32 shapes image: four heads (colour, shape, position, size).
+
+    Trained on procedural shapes (:func:`shapes_judge`), so it knows exactly what each caption
+    asks for; its penultimate features give a Frechet distance to real shapes.
+    """
+
+    def __init__(self, width: int = 32, feature_dim: int = 128):
+        super().__init__()
+        from helpers.data import COLOURS, POSITIONS, SHAPES, SIZES
+
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 32 -> 16
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16 -> 8
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8 -> 4
+        )  # fmt: skip
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, feature_dim), nn.ReLU())
+        sizes = {"colour": len(COLOURS), "shape": len(SHAPES), "position": len(POSITIONS), "size": len(SIZES)}
+        self.heads = nn.ModuleDict({k: nn.Linear(feature_dim, n) for k, n in sizes.items()})
+        self.test_accuracy: dict[str, float] = {}  # held-out accuracy per attribute, set by shapes_judge
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1:] != (3, 32, 32):
+            raise ValueError(f"x must be shapes images (N, 3, 32, 32); got shape {tuple(x.shape)}")
+        return self.fc(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.features(x)
+        return {k: head(feats) for k, head in self.heads.items()}  # logits per attribute
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v.argmax(1) for k, v in self(x).items()}
+
+
+def _train_judge() -> tuple[dict, dict]:
+    from helpers.data import make_shapes
+
+    r = SHAPES_RECIPE
+    train, test = make_shapes(r["n_train"], 32, seed=r["seed"]), make_shapes(r["n_test"], 32, seed=r["seed"] + 1)
+    g = torch.Generator().manual_seed(r["seed"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r["seed"])
+        model = ShapesJudge(r["width"], r["feature_dim"])
+    opt = torch.optim.Adam(model.parameters(), lr=r["lr"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=r["steps"])
+    for _ in range(r["steps"]):
+        idx = torch.randint(0, len(train), (r["batch_size"],), generator=g)
+        logits = model(train.images[idx])
+        loss = sum(F.cross_entropy(logits[k], getattr(train, k)[idx]) for k in ATTRIBUTES)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    predicted = model.predict(test.images)
+    accuracy = {k: (predicted[k] == getattr(test, k)).float().mean().item() for k in ATTRIBUTES}
+    return model.state_dict(), accuracy
+
+
+@functools.lru_cache(maxsize=None)
+def shapes_judge() -> ShapesJudge:
+    """The frozen shapes judge, trained once (about 20 s on 2 CPU cores) and cached on disk.
+
+    ``judge.test_accuracy`` holds its accuracy per attribute on 1,000 held-out shapes.
+    """
+    recipe_hash = hashlib.sha256(json.dumps(SHAPES_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    saved = _cached_weights("shapes_judge", recipe_hash, _train_judge)
+    model = ShapesJudge(SHAPES_RECIPE["width"], SHAPES_RECIPE["feature_dim"])
+    model.load_state_dict(saved["state_dict"])
+    model.test_accuracy = dict(saved["test_accuracy"])
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class ShapesScores:
+    """How well generated shapes follow their prompts (see :func:`score_shapes`)."""
+
+    accuracy: dict[str, float]  # per attribute: fraction of samples the judge reads as asked
+    colour_and_shape: float  # both right: the course's prompt-adherence target
+    all_four: float  # colour, shape, position and size all right
+    fd: float  # Frechet distance of the judge's features, samples vs real shapes
+    diversity: float  # mean per-pixel std across samples of the same prompt (0: identical copies)
+    n: int
+
+    def summary(self) -> str:
+        acc = " ".join(f"{k} {v:.2f}" for k, v in self.accuracy.items())
+        return (f"colour+shape {self.colour_and_shape:.2f} | all four {self.all_four:.2f} | {acc} | "
+                f"FD {_fmt(self.fd)} | diversity {self.diversity:.3f} | n={self.n}")
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+_SHAPES_REFERENCE: dict = {}
+
+
+@torch.no_grad()
+def score_shapes(samples: torch.Tensor, captions: list[str], judge: ShapesJudge | None = None) -> ShapesScores:
+    """Score generated shapes ``(N, 3, 32, 32)`` in ``[-1, 1]`` against the captions they were asked for.
+
+    The judge reads each attribute; ``fd`` compares its features with 1,000 real shapes
+    (seed 99); ``diversity`` averages, over prompts asked more than once, the per-pixel
+    standard deviation of their samples.
+    """
+    from helpers.data import caption_attributes, make_shapes
+
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or len(samples) != len(captions):
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ValueError(f"samples must be (N, 3, 32, 32) with one caption each; got {shape} and {len(captions)} captions")
+    judge = shapes_judge() if judge is None else judge
+    x = samples.detach().float().clamp(-1, 1).cpu()
+    wanted = caption_attributes(captions)
+    got = judge.predict(x)
+    right = {k: got[k] == wanted[k] for k in ATTRIBUTES}
+    if "real" not in _SHAPES_REFERENCE:
+        _SHAPES_REFERENCE["real"] = judge.features(make_shapes(1000, 32, seed=99).images).double()
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(captions):
+        groups.setdefault(c, []).append(i)
+    spreads = [x[idx].std(0).mean().item() for idx in groups.values() if len(idx) > 1]
+    return ShapesScores(
+        accuracy={k: v.float().mean().item() for k, v in right.items()},
+        colour_and_shape=(right["colour"] & right["shape"]).float().mean().item(),
+        all_four=torch.stack([right[k] for k in ATTRIBUTES]).all(0).float().mean().item(),
+        fd=frechet_distance(judge.features(x).double(), _SHAPES_REFERENCE["real"]),
+        diversity=float(np.mean(spreads)) if spreads else float("nan"),
+        n=len(x),
     )

@@ -16,6 +16,7 @@ from matplotlib import animation
 
 __all__ = [
     "image_grid",
+    "tile",
     "plot_schedules",
     "player",
     "timestep_player",
@@ -70,6 +71,20 @@ def image_grid(
         fig.suptitle(suptitle)
     fig.tight_layout()
     return fig
+
+
+def tile(images: torch.Tensor, ncol: int | None = None, pad: int = 1) -> torch.Tensor:
+    """Tile a batch ``(N, C, H, W)`` into one image ``(C, H', W')`` (rows of ``ncol``), e.g. a player frame."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be a batch (N, C, H, W); got shape {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    ncol = ncol or n
+    nrows = -(-n // ncol)
+    out = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), 1.0)  # white borders
+    for i, image in enumerate(images):
+        r, k = divmod(i, ncol)
+        out[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = image
+    return out
 
 
 def plot_schedules(alpha_bars: dict[str, torch.Tensor], markers: dict[str, int] | None = None):

@@ -42,19 +42,38 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1 - decay)
 
 
-def diffusion_objective(alpha_bar: torch.Tensor, prediction_type: str = "epsilon", **cond_keys) -> Callable:
+def diffusion_objective(
+    alpha_bar: torch.Tensor,
+    prediction_type: str = "epsilon",
+    cond_dropout: float = 0.0,
+    null_cond: dict[str, torch.Tensor] | None = None,
+    **cond_keys,
+) -> Callable:
     """The DDPM training loss as a function ``loss(model, batch)``.
 
     For each image: draw t uniformly from [0, T) and eps ~ N(0, I), form xt in closed form,
     and regress the model's output on the target of ``prediction_type`` (eps, x0 or v).
     ``batch`` is an image tensor, or a tuple whose first item is the images and whose other
     items are passed to the model under the names given in ``cond_keys`` (position -> name).
+    ``cond_dropout`` replaces each example's condition by ``null_cond[name]`` (the null
+    prompt or class) with that probability, so one model learns both the conditional and
+    the unconditional prediction that classifier-free guidance combines.
     """
     T = len(alpha_bar)
+    if not 0 <= cond_dropout < 1:
+        raise ValueError(f"cond_dropout must lie in [0, 1); got {cond_dropout}")
+    if cond_dropout and set(null_cond or {}) != set(cond_keys.values()):
+        raise ValueError(f"null_cond must give a null value for each of {sorted(cond_keys.values())}; "
+                         f"got {sorted(null_cond or {})}")
 
     def loss(model, batch) -> torch.Tensor:
         x0, *extra = batch if isinstance(batch, (tuple, list)) else (batch,)
         cond = {name: extra[int(pos)] for pos, name in cond_keys.items()}
+        if cond_dropout:
+            drop = torch.rand(len(x0), device=x0.device) < cond_dropout
+            for name, value in cond.items():
+                null = null_cond[name].to(value.device, value.dtype).expand_as(value)
+                cond[name] = torch.where(append_dims(drop, value.ndim), null, value)
         ab = alpha_bar.to(x0.device)
         t = torch.randint(0, T, (len(x0),), device=x0.device)
         eps = torch.randn_like(x0)

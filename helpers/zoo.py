@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RECIPES", "Recipe", "build", "cache_dir", "history", "load"]
+__all__ = ["RECIPES", "TRAINERS", "Recipe", "assemble_pipeline", "build", "cache_dir", "history", "load",
+           "vae_loss", "vae_training_images"]
 
 
 def cache_dir() -> Path:
@@ -30,20 +31,29 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to make one trained model. Every field enters the hash, so any change retrains."""
+    """How to make one trained model. Every field enters the hash, so any change retrains.
+
+    ``kind`` picks the trainer (:data:`TRAINERS`); ``requires`` names recipes this one is built
+    on (their hashes enter this one's, so retraining a text encoder retrains what reads it).
+    """
 
     name: str
-    model: str  # a factory in helpers.models
+    model: str  # a factory in helpers.models (or helpers.text for "tiny_clip")
     model_kwargs: dict
-    data: str  # "digits"
-    schedule: str
-    prediction_type: str
+    data: str  # "digits" or "shapes"
     train_kwargs: dict  # passed to helpers.training.train (a step budget: deterministic)
+    kind: str = "diffusion"
+    schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    data_kwargs: dict = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
     version: int = 1
     notes: str = field(default="", compare=False)
 
     def key(self) -> str:
-        blob = json.dumps({k: v for k, v in asdict(self).items() if k != "notes"}, sort_keys=True)
+        fields = {k: v for k, v in asdict(self).items() if k != "notes"}
+        fields["requires"] = {name: RECIPES[name].key() for name in self.requires}
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -53,45 +63,247 @@ RECIPES: dict[str, Recipe] = {
         model="digits_unet",
         model_kwargs={"size": 8, "widths": [32, 64, 64], "attention": True},
         data="digits",
-        schedule="linear",
-        prediction_type="epsilon",
         train_kwargs={"steps": 1200, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.999, "seed": 0,
                       "snapshot_every": 200},
-        notes="DDPM on the 8x8 digits; about 90 s on 2 CPU cores (chapters 2 and 3).",
+        notes="DDPM on the 8x8 digits; about 90 s on 2 CPU cores (chapters 2, 3 and 6).",
+    ),
+    "digits_cond_unet": Recipe(
+        name="digits_cond_unet",
+        model="digits_unet",
+        model_kwargs={"size": 8, "widths": [32, 64, 64], "attention": True, "num_class_embeds": 11},
+        data="digits",
+        kind="class_diffusion",
+        data_kwargs={"cond_dropout": 0.1, "null_class": 10},
+        train_kwargs={"steps": 1200, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.999, "seed": 0},
+        notes="Class-conditional DDPM on the digits, the label dropped to class 10 (null) 10 % of the time (chapter 4).",
+    ),
+    "tiny_clip": Recipe(
+        name="tiny_clip",
+        model="tiny_clip",
+        model_kwargs={},
+        data="shapes",
+        kind="clip",
+        data_kwargs={"n": 6000, "size": 32, "seed": 1},
+        train_kwargs={"steps": 300, "batch_size": 128, "lr": 2e-3, "ema_decay": None, "warmup_steps": 50,
+                      "seed": 0},
+        notes="A CLIPModel trained contrastively on shapes and captions (chapter 4).",
+    ),
+    "shapes_vae": Recipe(
+        name="shapes_vae",
+        model="shapes_vae",
+        model_kwargs={"widths": [16, 32, 32]},
+        data="shapes",
+        kind="vae",
+        data_kwargs={"n": 6000, "size": 32, "seed": 2, "photo_patches": 3000, "kl_weight": 1e-4, "crop": 16,
+                     "finish": {"steps": 200, "batch_size": 32, "lr": 1.5e-3, "warmup_steps": 10}},
+        train_kwargs={"steps": 800, "batch_size": 64, "lr": 3e-3, "ema_decay": None, "seed": 0},
+        notes="An AutoencoderKL (3x32x32 -> 4x8x8) on shapes and photograph patches: 800 steps on "
+              "16x16 crops, then 200 on whole images (chapter 5).",
+    ),
+    "shapes_sd": Recipe(
+        name="shapes_sd",
+        model="shapes_unet",
+        model_kwargs={"widths": [32, 64]},
+        data="shapes",
+        kind="latent_diffusion",
+        schedule="scaled_linear",
+        prediction_type="v_prediction",
+        data_kwargs={"n": 6000, "size": 32, "seed": 3, "cond_dropout": 0.1},
+        requires=("shapes_vae", "tiny_clip"),
+        version=2,  # 2: pooled text added to the time embedding
+        train_kwargs={"steps": 800, "batch_size": 64, "lr": 3e-3, "ema_decay": 0.999, "seed": 0},
+        notes="The miniature Stable Diffusion: a text-conditional latent U-Net, saved as a whole "
+              "StableDiffusionPipeline (chapter 5).",
     ),
 }
 
 
 def build(name: str):
     """A fresh, untrained model with recipe ``name``'s architecture (e.g. to load a snapshot into)."""
-    from helpers import models
+    from helpers import models, text
 
+    recipe = _recipe(name)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model_kwargs.items()}  # JSON lists
+    factory = getattr(text, recipe.model) if recipe.model == "tiny_clip" else getattr(models, recipe.model)
+    return factory(**kwargs)
+
+
+def _recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"name must be one of {sorted(RECIPES)}; got {name!r}")
-    recipe = RECIPES[name]
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model_kwargs.items()}  # JSON lists
-    return getattr(models, recipe.model)(**kwargs)
+    return RECIPES[name]
 
 
-def _train(recipe: Recipe, progress: bool):
+# --- trainers: recipe -> (what to save, TrainResult) --------------------------------------------
+
+def _digits(recipe: Recipe):
+    import helpers
+
+    if recipe.data != "digits":
+        raise ValueError(f"recipe {recipe.name}: kind {recipe.kind!r} needs data 'digits'; got {recipe.data!r}")
+    return helpers.load_digits(recipe.model_kwargs.get("size", 8))
+
+
+def _shapes(recipe: Recipe):
+    import helpers
+
+    if recipe.data != "shapes":
+        raise ValueError(f"recipe {recipe.name}: kind {recipe.kind!r} needs data 'shapes'; got {recipe.data!r}")
+    d = recipe.data_kwargs
+    return helpers.make_shapes(d["n"], d["size"], seed=d["seed"])
+
+
+def _fresh(recipe: Recipe):
+    import helpers
+
+    helpers.seed_everything(recipe.train_kwargs.get("seed", 0))  # the initial weights are part of the recipe
+    return build(recipe.name)
+
+
+def _train_diffusion(recipe: Recipe, progress: bool):
     import helpers
     from helpers import training
 
-    if recipe.data != "digits":
-        raise ValueError(f"recipe {recipe.name}: unknown data {recipe.data!r}")
-    x0, _ = helpers.load_digits(recipe.model_kwargs.get("size", 8))
-    helpers.seed_everything(recipe.train_kwargs.get("seed", 0))  # the initial weights are part of the recipe
-    model = build(recipe.name)
-    alpha_bar = helpers.get_schedule(recipe.schedule).alpha_bar
-    objective = training.diffusion_objective(alpha_bar, recipe.prediction_type)
+    x0, _ = _digits(recipe)
+    model = _fresh(recipe)
+    objective = training.diffusion_objective(helpers.get_schedule(recipe.schedule).alpha_bar, recipe.prediction_type)
     result = training.train(model, x0, objective, progress=progress, **recipe.train_kwargs)
     return result.ema if result.ema is not None else result.model, result
 
 
+def _train_class_diffusion(recipe: Recipe, progress: bool):
+    import helpers
+    from helpers import training
+
+    x0, labels = _digits(recipe)
+    model = _fresh(recipe)
+    d = recipe.data_kwargs
+    objective = training.diffusion_objective(
+        helpers.get_schedule(recipe.schedule).alpha_bar, recipe.prediction_type, cond_dropout=d["cond_dropout"],
+        null_cond={"class_labels": torch.tensor(d["null_class"])}, **{"0": "class_labels"})
+    result = training.train(model, (x0, labels), objective, progress=progress, **recipe.train_kwargs)
+    return result.ema if result.ema is not None else result.model, result
+
+
+def _train_clip(recipe: Recipe, progress: bool):
+    from helpers import text, training
+
+    shapes = _shapes(recipe)
+    tokenizer = text.shapes_tokenizer()
+    ids = tokenizer(shapes.captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    model = _fresh(recipe)
+    result = training.train(model, (shapes.images, ids), text.clip_loss, progress=progress, **recipe.train_kwargs)
+    return result.model, result
+
+
+def vae_training_images(n_shapes: int, size: int, seed: int, photo_patches: int) -> torch.Tensor:
+    """Shapes, then random ``size`` x ``size`` crops of the bundled photographs at two scales."""
+    import helpers
+
+    shapes = helpers.make_shapes(n_shapes, size, seed=seed).images
+    g = torch.Generator().manual_seed(seed)
+    photos = [helpers.load_photo(name, side) for name in helpers.PHOTOS for side in (96, 192)]
+    crops = []
+    for i in range(photo_patches):
+        photo = photos[i % len(photos)]
+        top, left = torch.randint(0, photo.shape[-1] - size + 1, (2,), generator=g).tolist()
+        crops.append(photo[:, top:top + size, left:left + size])
+    return torch.cat([shapes, torch.stack(crops)])
+
+
+def vae_loss(kl_weight: float, crop: int | None = None):
+    """Reconstruction (mean squared error) plus ``kl_weight`` times the KL to N(0, I), per value.
+
+    With ``crop``, each batch is cut to a random ``crop`` x ``crop`` window first: the VAE is
+    convolutional, so it learns the same filters at a fraction of the cost per image.
+    """
+
+    def loss(vae, x):
+        if crop is not None and crop < x.shape[-1]:
+            top, left = torch.randint(0, x.shape[-1] - crop + 1, (2,)).tolist()
+            x = x[..., top:top + crop, left:left + crop]
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        return torch.nn.functional.mse_loss(reconstruction, x) + kl_weight * kl
+
+    return loss
+
+
+def _train_vae(recipe: Recipe, progress: bool):
+    from helpers import training
+
+    d = recipe.data_kwargs
+    images = vae_training_images(d["n"], d["size"], d["seed"], d["photo_patches"])
+    vae = _fresh(recipe)
+    # Most steps on random crops (cheap), then a few on whole images so that GroupNorm's
+    # statistics are those of the images the VAE will encode.
+    crops = training.train(vae, images, vae_loss(d["kl_weight"], d["crop"]), progress=progress, **recipe.train_kwargs)
+    whole = training.train(crops.model, images, vae_loss(d["kl_weight"]), progress=progress,
+                           **(recipe.train_kwargs | d["finish"]))
+    vae = whole.model.eval()
+    # Stable Diffusion's scaling factor (0.18215) is 1 / std of its VAE's latents; ours likewise.
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(b).latent_dist.mean for b in images[: d["n"]].split(500)])
+    vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
+    whole.losses[:0], whole.steps, whole.seconds = crops.losses, crops.steps + whole.steps, crops.seconds + whole.seconds
+    return vae, whole
+
+
+def _train_latent_diffusion(recipe: Recipe, progress: bool):
+    import helpers
+    from helpers import text, training
+
+    vae, clip = load("shapes_vae", progress=progress), load("tiny_clip", progress=progress)
+    tokenizer = text.shapes_tokenizer()
+    shapes = _shapes(recipe)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(b).latent_dist.mean for b in shapes.images.split(500)])
+    latents = latents * vae.config.scaling_factor
+    states = text.encode_prompts(clip.text_model, tokenizer, shapes.captions)
+    null = text.encode_prompts(clip.text_model, tokenizer, [""])[0]
+    unet = _fresh(recipe)
+    objective = training.diffusion_objective(
+        helpers.get_schedule(recipe.schedule).alpha_bar, recipe.prediction_type,
+        cond_dropout=recipe.data_kwargs["cond_dropout"], null_cond={"encoder_hidden_states": null},
+        **{"0": "encoder_hidden_states"})
+    result = training.train(unet, (latents, states), objective, progress=progress, **recipe.train_kwargs)
+    pipe = assemble_pipeline(result.ema if result.ema is not None else result.model, vae, clip.text_model,
+                             tokenizer, recipe.schedule, recipe.prediction_type)
+    return pipe, result
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, schedule: str = "scaled_linear",
+                      prediction_type: str = "epsilon"):
+    """A real ``StableDiffusionPipeline`` from the course's parts, with a DDIM scheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    if not isinstance(text_encoder, CLIPTextModel):  # CLIPModel.text_model is the bare transformer
+        encoder = CLIPTextModel(text_encoder.config)
+        encoder.text_model.load_state_dict(text_encoder.state_dict())
+        text_encoder = encoder
+    betas = {"scaled_linear": "scaled_linear", "linear": "linear"}[schedule]
+    scheduler = DDIMScheduler(beta_schedule=betas, beta_start=0.00085 if betas == "scaled_linear" else 1e-4,
+                              beta_end=0.012 if betas == "scaled_linear" else 0.02, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+TRAINERS = {
+    "diffusion": _train_diffusion,
+    "class_diffusion": _train_class_diffusion,
+    "clip": _train_clip,
+    "vae": _train_vae,
+    "latent_diffusion": _train_latent_diffusion,
+}
+
+
 def _folder(name: str) -> Path:
-    if name not in RECIPES:
-        raise ValueError(f"name must be one of {sorted(RECIPES)}; got {name!r}")
-    return cache_dir() / f"{name}-{RECIPES[name].key()}"
+    return cache_dir() / f"{name}-{_recipe(name).key()}"
 
 
 def history(name: str) -> tuple[dict, list[tuple[int, float, dict]]]:
@@ -110,17 +322,24 @@ def history(name: str) -> tuple[dict, list[tuple[int, float, dict]]]:
 def load(name: str, device: torch.device | str = "cpu", progress: bool = True, retrain: bool = False):
     """The trained model of recipe ``name``: from the cache, or trained now and cached.
 
-    Returns the model in eval mode on ``device``. ``retrain=True`` ignores the cache.
+    Returns the model in eval mode on ``device`` (for ``"shapes_sd"``: the whole
+    ``StableDiffusionPipeline``). ``retrain=True`` ignores the cache.
     """
     folder = _folder(name)
     recipe = RECIPES[name]
-    model_class = type(build(name))
+    if recipe.kind not in TRAINERS:
+        raise ValueError(f"recipe {name}: kind must be one of {sorted(TRAINERS)}; got {recipe.kind!r}")
     if (folder / "recipe.json").exists() and not retrain:
-        model = model_class.from_pretrained(folder)
+        if recipe.kind == "latent_diffusion":
+            from diffusers import StableDiffusionPipeline
+
+            model = StableDiffusionPipeline.from_pretrained(folder)
+        else:
+            model = type(build(name)).from_pretrained(folder)
         print(f"zoo: loaded {name} from {folder}")
     else:
         start = time.perf_counter()
-        model, result = _train(recipe, progress)
+        model, result = TRAINERS[recipe.kind](recipe, progress)
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
         if result.snapshots:
@@ -129,4 +348,8 @@ def load(name: str, device: torch.device | str = "cpu", progress: bool = True, r
                                  "steps": result.steps, "losses": result.losses}
         (folder / "recipe.json").write_text(json.dumps(info, indent=1))  # written last: marks completion
         print(f"zoo: trained {name} in {time.perf_counter() - start:.0f} s -> {folder}")
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device)
+    if recipe.kind == "latent_diffusion":
+        model.set_progress_bar_config(disable=True)
+        return model
+    return model.eval().requires_grad_(False)
