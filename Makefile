@@ -32,10 +32,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 # Debian packages: Node.js/npm to vendor MathJax at build time, Chromium for the site tests.
+# Only what is missing: a Node.js from NodeSource already bundles npm and conflicts with Debian's.
 system:
-	@command -v npm >/dev/null && command -v chromium >/dev/null || { \
-	  echo "installing Debian packages: nodejs npm chromium"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm chromium >/dev/null; }
+	@missing=""; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 book: setup system
 	$(PY) tools/build.py
