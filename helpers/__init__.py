@@ -21,7 +21,17 @@ Notation and conventions (the same as the book's notation page)
 * Device: CUDA when present, else MPS, else CPU (:func:`get_device`); float32 by default.
 """
 
-from helpers import diffusion, models, plot, training, zoo  # noqa: F401  (helpers.training etc.)
+import diffusers as _diffusers
+import huggingface_hub as _hub
+import transformers as _transformers
+
+# The libraries' loading and saving progress bars become ipywidgets in a notebook, which a
+# static page cannot render (and whose fonts it would fetch); training shows its own text bar.
+_diffusers.utils.logging.disable_progress_bar()
+_transformers.utils.logging.disable_progress_bar()
+_hub.utils.disable_progress_bars()
+
+from helpers import diffusion, models, plot, text, training, zoo  # noqa: E402, F401  (helpers.training etc.)
 from helpers.core import append_dims, get_device, seed_everything
 from helpers.data import (
     PHOTOS,

@@ -406,7 +406,7 @@ def _train_judge() -> tuple[dict, dict]:
 
 @functools.lru_cache(maxsize=None)
 def shapes_judge() -> ShapesJudge:
-    """The frozen shapes judge, trained once (about 20 s on 2 CPU cores) and cached on disk.
+    """The frozen shapes judge, trained once (about 25 s on 2 CPU cores) and cached on disk.
 
     ``judge.test_accuracy`` holds its accuracy per attribute on 1,000 held-out shapes.
     """

@@ -47,6 +47,15 @@ def test_chapter_sources_are_text_without_outputs():
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), nb_path
 
 
+def test_no_chapter_output_is_a_widget(executed_dir):
+    """Widget outputs (e.g. a library's tqdm bar) need a kernel or the widget manager's fonts: not on a static page."""
+    for source in CHAPTERS:
+        nb = nbformat.read(executed_dir / "chapters" / f"{source.stem}.ipynb", as_version=4)
+        widgets = [o["data"].get("text/plain", "")[:60] for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        assert not widgets, f"{source.name}: widget outputs {widgets}"
+
+
 def test_every_solution_notebook_executed_without_errors(executed_dir):
     for nb_path in sorted((ROOT / "solutions").glob("*/*.ipynb")):
         out = executed_dir / nb_path.relative_to(ROOT)
