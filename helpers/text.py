@@ -20,10 +20,11 @@ __all__ = [
     "MAX_LENGTH",
     "SPECIAL_TOKENS",
     "VOCAB",
+    "clip_embeddings",
     "clip_loss",
     "clip_score",
     "encode_prompts",
-    "retrieval_accuracy",
+    "retrieve",
     "shapes_tokenizer",
     "tiny_clip",
 ]
@@ -105,7 +106,8 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str] | str) -> torch.T
 
 
 @torch.no_grad()
-def _embeddings(clip: CLIPModel, tokenizer, images: torch.Tensor | None = None, prompts=None):
+def clip_embeddings(clip: CLIPModel, tokenizer, images: torch.Tensor | None = None, prompts=None) -> list[torch.Tensor]:
+    """Unit-length CLIP embeddings of ``images`` and/or ``prompts`` (those given, in that order)."""
     device = next(clip.parameters()).device
     out = []
     if images is not None:
@@ -126,13 +128,11 @@ def clip_score(clip: CLIPModel, tokenizer, images: torch.Tensor, prompts: list[s
     """
     if len(images) != len(prompts):
         raise ValueError(f"images and prompts must have the same length; got {len(images)} and {len(prompts)}")
-    img, txt = _embeddings(clip, tokenizer, images, prompts)
+    img, txt = clip_embeddings(clip, tokenizer, images, prompts)
     return (img * txt).sum(-1).cpu()
 
 
-def retrieval_accuracy(clip: CLIPModel, tokenizer, images: torch.Tensor, captions: list[str],
-                       candidates: list[str]) -> float:
-    """Fraction of images whose most similar caption among ``candidates`` is their own."""
-    img, txt = _embeddings(clip, tokenizer, images, list(candidates))
-    best = (img @ txt.T).argmax(1).cpu()
-    return sum(candidates[i] == c for i, c in zip(best.tolist(), captions)) / len(captions)
+def retrieve(clip: CLIPModel, tokenizer, images: torch.Tensor, candidates: list[str]) -> list[str]:
+    """For each image, the caption among ``candidates`` that CLIP finds most similar (zero-shot retrieval)."""
+    img, txt = clip_embeddings(clip, tokenizer, images, list(candidates))
+    return [candidates[i] for i in (img @ txt.T).argmax(1).tolist()]

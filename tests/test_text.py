@@ -149,3 +149,15 @@ def test_miniature_stable_diffusion_trains_saves_reloads_and_generates(tmp_path,
     second = again(["a large red circle on the left"], negative_prompt=["a blue square"],
                    generator=torch.Generator().manual_seed(0), **kwargs).images
     torch.testing.assert_close(first, second)
+
+
+def test_retrieve_returns_one_candidate_per_image():
+    helpers.seed_everything(0)
+    clip, tok = text.tiny_clip().eval(), text.shapes_tokenizer()
+    images = helpers.make_shapes(5, 32, seed=2).images
+    assert text.retrieve(clip, tok, images, ["a large red circle on the left"]) == ["a large red circle on the left"] * 5
+    candidates = data.all_captions()[:7]
+    assert all(c in candidates for c in text.retrieve(clip, tok, images, candidates))
+    img, txt = text.clip_embeddings(clip, tok, images, candidates)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(5))
+    assert txt.shape == (7, img.shape[1])
