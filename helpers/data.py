@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "COLOURS",
+    "Clips",
+    "MOTIONS",
     "PHOTOS",
     "POSITIONS",
     "SHAPES",
@@ -24,6 +26,7 @@ __all__ = [
     "caption_attributes",
     "load_digits",
     "load_photo",
+    "make_clips",
     "make_shapes",
 ]
 
@@ -215,4 +218,136 @@ def make_shapes(
         shape=torch.from_numpy(shape),
         position=torch.from_numpy(position),
         size=torch.from_numpy(size_idx),
+    )
+
+
+# --- moving-shapes clips (chapter 9) ---------------------------------------------------------
+
+MOTIONS = ("right", "left", "up", "down", "bouncing", "colour")  # what a clip does
+_DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # y grows downwards
+_TOWARDS = {"right": "right", "left": "left", "up": "top", "down": "bottom"}  # words the tiny CLIP knows
+
+
+@dataclass
+class Clips:
+    """A batch of moving-shapes clips: one shape per clip that moves, bounces or changes colour."""
+
+    videos: torch.Tensor  # (N, F, 3, H, W) in [-1, 1]
+    masks: torch.Tensor  # (N, F, 1, H, W) in {0, 1}: the shape's pixels in each frame
+    captions: list[str]  # e.g. "a red circle moving to the right", "a blue square bouncing"
+    colour: torch.Tensor  # (N,) index into COLOURS: the colour of the first frame
+    colour_end: torch.Tensor  # (N,) index into COLOURS: the colour of the last frame
+    shape: torch.Tensor  # (N,) index into SHAPES
+    size: torch.Tensor  # (N,) index into SIZES
+    motion: torch.Tensor  # (N,) index into MOTIONS
+    centres: torch.Tensor  # (N, F, 2) the shape's centre (x, y) in pixels, per frame
+    velocity: torch.Tensor  # (N, 2) pixels per frame at the start (zero for "colour" clips)
+    rgb: torch.Tensor  # (N, F, 3) the shape's colour in [0, 1], per frame
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+
+def _clip_caption(colour: str, shape: str, motion: str, colour_end: str) -> str:
+    if motion == "bouncing":
+        return f"a {colour} {shape} bouncing"
+    if motion == "colour":
+        return f"a {shape} changing from {colour} to {colour_end}"
+    return f"a {colour} {shape} moving to the {_TOWARDS[motion]}"
+
+
+def _bounce(p: float, v: float, lo: float, hi: float, frames: int) -> tuple[np.ndarray, float]:
+    # Constant speed with elastic reflections at lo and hi (the centre stays in [lo, hi]).
+    out = np.empty(frames)
+    for f in range(frames):
+        out[f] = p
+        p += v
+        while p < lo or p > hi:  # reflect, possibly twice for a fast shape in a narrow room
+            p, v = (2 * lo - p, -v) if p < lo else (2 * hi - p, -v)
+    return out, v
+
+
+def make_clips(
+    n: int,
+    frames: int = 8,
+    size: int = 32,
+    seed: int = 0,
+    speed: float = 0.06,
+    motions: tuple[str, ...] = MOTIONS,
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0),
+) -> Clips:
+    """``n`` clips of ``frames`` frames, each one shape that moves, bounces or changes colour.
+
+    Colour, shape, size and motion (from ``motions``) are drawn uniformly. A moving shape goes
+    ``speed * size`` pixels per frame in a straight line and stays inside the frame; a bouncing
+    one flies diagonally at ``1.5 * speed * size`` per frame and reflects off the walls; a
+    colour-changing one stays put while its colour blends linearly from one colour to another.
+    Drawn with the same masks as :func:`make_shapes`. Seeded: the same arguments give the same clips.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive int; got {n!r}")
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 2:
+        raise ValueError(f"frames must be an int >= 2; got {frames!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+        raise ValueError(f"size must be an int >= 8; got {size!r}")
+    if not 0 < speed or speed * (frames - 1) > 1 - 2 * max(SIZES.values()) - 0.05:
+        raise ValueError(f"speed must be positive and small enough for a shape to cross the frame in "
+                         f"{frames} frames (speed * (frames - 1) <= {1 - 2 * max(SIZES.values()) - 0.05:.2f}); got {speed!r}")
+    if not motions or any(m not in MOTIONS for m in motions):
+        raise ValueError(f"motions must be a non-empty subset of {MOTIONS}; got {motions!r}")
+    rng = np.random.default_rng(seed)
+    colour_names, size_names = list(COLOURS), list(SIZES)
+    colour = rng.integers(len(COLOURS), size=n)
+    colour_end = (colour + rng.integers(1, len(COLOURS), size=n)) % len(COLOURS)  # a different colour
+    shape = rng.integers(len(SHAPES), size=n)
+    size_idx = rng.integers(len(SIZES), size=n)
+    motion = np.array([MOTIONS.index(m) for m in motions])[rng.integers(len(motions), size=n)]
+    starts, signs = rng.uniform(0, 1, size=(n, 2)), rng.choice([-1.0, 1.0], size=(n, 2))
+
+    videos = np.empty((n, frames, 3, size, size), dtype=np.float32)
+    masks = np.empty((n, frames, 1, size, size), dtype=bool)
+    centres = np.empty((n, frames, 2))
+    velocity = np.zeros((n, 2))
+    rgb = np.empty((n, frames, 3))
+    captions = []
+    for i in range(n):
+        m, r = MOTIONS[motion[i]], SIZES[size_names[size_idx[i]]] * size
+        lo, hi = r + 1, size - r - 1  # the centre's room: the whole shape stays in the frame
+        c0, c1 = np.array(COLOURS[colour_names[colour[i]]]), np.array(COLOURS[colour_names[colour_end[i]]])
+        if m in _DIRECTIONS:
+            v = np.array(_DIRECTIONS[m]) * speed * size
+            travel = np.abs(v) * (frames - 1)
+            start = lo + travel * (v < 0) + starts[i] * (hi - lo - travel)  # room for the whole trip
+            centres[i] = start + np.arange(frames)[:, None] * v
+            velocity[i] = v
+        elif m == "bouncing":
+            v = signs[i] * 1.5 * speed * size / np.sqrt(2)
+            start = lo + starts[i] * (hi - lo)
+            centres[i, :, 0], _ = _bounce(start[0], v[0], lo, hi, frames)
+            centres[i, :, 1], _ = _bounce(start[1], v[1], lo, hi, frames)
+            velocity[i] = v
+        else:
+            centres[i] = lo + starts[i] * (hi - lo)
+        blend = np.linspace(0, 1, frames)[:, None] if m == "colour" else np.zeros((frames, 1))
+        rgb[i] = (1 - blend) * c0 + blend * (c1 if m == "colour" else c0)
+        for f in range(frames):
+            mask = _shape_mask(SHAPES[shape[i]], centres[i, f, 0], centres[i, f, 1], r, size)
+            videos[i, f] = np.where(mask[None], rgb[i, f][:, None, None], np.array(background)[:, None, None])
+            masks[i, f, 0] = mask
+        if m != "colour":
+            colour_end[i] = colour[i]
+        captions.append(_clip_caption(colour_names[colour[i]], SHAPES[shape[i]], m, colour_names[colour_end[i]]))
+
+    return Clips(
+        videos=torch.from_numpy(videos) * 2 - 1,
+        masks=torch.from_numpy(masks).float(),
+        captions=captions,
+        colour=torch.from_numpy(colour),
+        colour_end=torch.from_numpy(colour_end),
+        shape=torch.from_numpy(shape),
+        size=torch.from_numpy(size_idx),
+        motion=torch.from_numpy(motion),
+        centres=torch.from_numpy(centres).float(),
+        velocity=torch.from_numpy(velocity).float(),
+        rgb=torch.from_numpy(rgb).float(),
     )

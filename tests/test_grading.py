@@ -203,7 +203,115 @@ DDIM_RECONSTRUCTION = Assignment(
     loops=("ddim_timesteps", "test_ddim_timesteps"),
 )
 
-ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP, CFG_ARITHMETIC, DDIM_RECONSTRUCTION)}
+DIT_FLOW = Assignment(
+    name="dit_flow",
+    mistakes={
+        "patches_column_major": (  # walks the patches column by column: not the order PatchEmbed's conv gives
+            ("patchify", "x.permute(0, 2, 4, 3, 5, 1)", "x.permute(0, 4, 2, 3, 5, 1)"),
+            {"test_patchify", "test_patchify_conv"}),
+        "token_channels_first": (  # (channel, row, column) inside a token, as F.unfold gives: not what unpatchify inverts
+            ("patchify", "x.permute(0, 2, 4, 3, 5, 1)", "x.permute(0, 2, 4, 1, 3, 5)"),
+            {"test_patchify", "test_patchify_conv"}),
+        "unpatchify_patches_transposed": (  # swaps a patch's rows and columns on the way back
+            ("unpatchify", "x.permute(0, 5, 1, 3, 2, 4)", "x.permute(0, 5, 1, 4, 2, 3)"),
+            {"test_unpatchify"}),
+        "modulate_scale_not_one_plus": (  # x * scale + shift: an untrained modulation wipes the features out
+            ("modulate", "x * (1 + scale) + shift", "x * scale + shift"),
+            {"test_modulate", "test_adaln_zero_block"}),  # the block uses modulate by design
+        "adaln_gate_forgotten": (  # no gate: the block is not the identity at initialisation
+            ("adaln_zero_block", "return x + gate[:, None] * f(h)", "return x + f(h)"),
+            {"test_adaln_zero_block"}),
+        "time_flipped": (  # noise at t = 0 and data at t = 1: the other papers' convention, not diffusers'
+            ("flow_interpolate", "return (1 - t) * x0 + t * noise", "return (1 - t) * noise + t * x0"),
+            {"test_flow_interpolate"}),
+        "velocity_sign_flipped": (  # x0 - noise: points from the noise to the data
+            ("flow_velocity", "return noise - x0", "return x0 - noise"),
+            {"test_flow_velocity"}),
+        "euler_step_backwards": (  # (t - t_next): walks away from the data
+            ("euler_step", "x_t + (t_next - t) * v", "x_t + (t - t_next) * v"),
+            {"test_euler_step"}),
+    },
+    gutted=("velocity_sign_flipped", "test_flow_velocity"),
+    deleted=("patches_column_major", "test_patchify"),
+    after_markdown="test_patchify_conv",
+    loops=("flow_velocity", "test_flow_velocity"),
+)
+
+LORA_CONTROLNET = Assignment(
+    name="lora_controlnet",
+    mistakes={
+        "delta_transposed": (  # A^T B^T, the x @ W convention: (d_in, d_out) instead of the weight's (d_out, d_in)
+            ("lora_delta", "(alpha / r) * (B @ A)", "(alpha / r) * (A.T @ B.T)"),
+            {"test_lora_delta"}),
+        "delta_scale_inverted": (  # r / alpha
+            ("lora_delta", "(alpha / r) * (B @ A)", "(r / alpha) * (B @ A)"),
+            {"test_lora_delta"}),
+        "forward_scale_missing": (  # forgets alpha / r in the forward pass
+            ("lora_forward", "(alpha / r) * ((x @ A.T) @ B.T)", "((x @ A.T) @ B.T)"),
+            {"test_lora_forward"}),
+        "merge_scale_missing": (  # merges B A without alpha / r: the merged model differs from the adapted one
+            ("merge_lora", "W + (alpha / r) * (B @ A)", "W + B @ A"),
+            {"test_merge_lora"}),
+        "count_only_A": (  # counts A's r * d_in numbers and forgets B
+            ("lora_param_count", "count = r * (d_in + d_out)", "count = r * d_in"),
+            {"test_lora_param_count"}),
+        "zero_conv_default_init": (  # PyTorch's random initialisation: the ControlNet changes the model from step 0
+            ("zero_conv", "    torch.nn.init.zeros_(conv.weight)\n    torch.nn.init.zeros_(conv.bias)\n", ""),
+            {"test_zero_conv", "test_zero_conv_gradients"}),
+        "zero_conv_bias_left": (  # zero weight, random bias: adds a constant to every feature
+            ("zero_conv", "    torch.nn.init.zeros_(conv.bias)\n", ""),
+            {"test_zero_conv"}),
+        "control_scales_features": (  # scale * (h + Z(c)): rescales the frozen features too
+            ("add_control", "h + scale * conv(c)", "scale * (h + conv(c))"),
+            {"test_add_control"}),
+    },
+    gutted=("delta_scale_inverted", "test_lora_delta"),
+    deleted=("forward_scale_missing", "test_lora_forward"),
+    after_markdown="test_zero_conv_gradients",
+    loops=("lora_param_count", "test_lora_param_count"),
+)
+
+VIDEO_PATCHES = Assignment(
+    name="video_patches",
+    mistakes={
+        "frames_not_divided": (  # cuts the frames into groups but counts every frame
+            ("spacetime_patch_count", "return (frames // pt) * (height // ph) * (width // pw)",
+             "return frames * (height // ph) * (width // pw)"),
+            {"test_spacetime_patch_count"}),
+        "factorised_forgets_temporal": (  # counts the spatial layer only
+            ("attention_cost", "factorised = frames * positions ** 2 + positions * frames ** 2",
+             "factorised = frames * positions ** 2"),
+            {"test_attention_cost"}),
+        "boxes_time_last": (  # orders the boxes (row, column, frame): not the Conv3d's order
+            ("spacetime_patchify", "x.permute(0, 1, 4, 6, 2, 5, 7, 3)", "x.permute(0, 4, 6, 1, 2, 5, 7, 3)"),
+            {"test_spacetime_patchify", "test_spacetime_patchify_conv3d"}),
+        "frame_wraps_around": (  # torch.roll compares the last frame with the first
+            ("frame_difference", "video[:, 1:] - video[:, :-1]", "video - video.roll(1, dims=1)"),
+            {"test_frame_difference"}),
+        "frame_squared": (  # the mean squared difference
+            ("frame_difference", "diffs.abs().mean(", "(diffs ** 2).mean("),
+            {"test_frame_difference"}),
+        "frame_divides_by_F": (  # F differences in the denominator where there are F - 1
+            ("frame_difference", "diffs.abs().mean(dim=(1, 2, 3, 4))",
+             "diffs.abs().sum(dim=(1, 2, 3, 4)) / video[0].numel()"),
+            {"test_frame_difference"}),
+        "attention_over_space": (  # the pixels of each frame attend to each other: spatial, not temporal, attention
+            ("temporal_attention",
+             "tokens = x.permute(0, 3, 4, 1, 2).reshape(B * H * W, F_, C)",
+             "tokens = x.permute(0, 1, 3, 4, 2).reshape(B * F_, H * W, C)"),
+            {"test_temporal_attention", "test_temporal_attention_is_local"}),
+        "attention_unscaled": (  # forgets 1 / sqrt(C)
+            ("temporal_attention", " / math.sqrt(C)", ""),
+            {"test_temporal_attention"}),
+    },
+    gutted=("frame_wraps_around", "test_frame_difference"),
+    deleted=("frames_not_divided", "test_spacetime_patch_count"),
+    after_markdown="test_temporal_attention_is_local",
+    loops=("attention_cost", "test_attention_cost"),
+)
+
+ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP, CFG_ARITHMETIC, DDIM_RECONSTRUCTION,
+                                   DIT_FLOW, LORA_CONTROLNET, VIDEO_PATCHES)}
 MISTAKES = [(a.name, student) for a in ASSIGNMENTS.values() for student in sorted(a.mistakes)]
 
 

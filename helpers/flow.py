@@ -1,0 +1,223 @@
+"""Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023; Esser et al. 2024, SD3).
+
+Time convention of the course: **noise at t = 1, data at t = 0**, as in diffusers
+(``FlowMatchEulerDiscreteScheduler``) and SD3. The straight path and its velocity are
+
+    x_t = (1 - t) x0 + t * noise,        v = d x_t / d t = noise - x0.
+
+Some papers flip the time (Lipman et al. 2023 and the ``flow_matching`` library put the data
+at t = 1 and the noise at t = 0, so their velocity is ``x0 - noise``); translate with
+``t -> 1 - t`` and ``v -> -v``. diffusers feeds the network ``t * 1000`` (``timestep_scale``)
+and calls the continuous time ``sigma``.
+
+Sampling integrates ``dx/dt = v(x, t)`` from t = 1 down to t = 0 with Euler steps on the
+sigma list of ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (:func:`flow_sigmas`),
+optionally shifted towards the noisy end (SD3's ``shift``:
+``sigma' = shift * sigma / (1 + (shift - 1) * sigma)``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from helpers.core import append_dims
+from helpers.diffusion import classifier_free_guidance, denoise
+
+__all__ = [
+    "T_SAMPLINGS",
+    "flow_euler_sample",
+    "flow_interpolate",
+    "flow_objective",
+    "flow_sigmas",
+    "flow_velocity",
+    "shift_sigmas",
+]
+
+T_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def _time_like(t, x: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor on ``x``'s device/dtype, broadcastable against ``x`` (scalar or (B,))."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.ndim == 1:
+        if len(t) != len(x):
+            raise ValueError(f"t has {len(t)} entries but the batch has {len(x)} samples")
+        t = append_dims(t, x.ndim)  # (B, 1, ..., 1)
+    elif t.ndim != 0:
+        raise ValueError(f"t must be a float or a (B,) tensor; got shape {tuple(t.shape)}")
+    return t
+
+
+def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """The straight (rectified-flow) path ``x_t = (1 - t) x0 + t * noise``, t in [0, 1].
+
+    ``t`` is a float or a ``(B,)`` tensor, one time per example. Equal to
+    ``FlowMatchEulerDiscreteScheduler.scale_noise(x0, t * 1000, noise)`` at the scheduler's sigmas.
+    """
+    if x0.shape != noise.shape:
+        raise ValueError(f"x0 and noise must have the same shape; got {tuple(x0.shape)} and {tuple(noise.shape)}")
+    tt = _time_like(t, x0)
+    if tt.numel() and (tt.min() < 0 or tt.max() > 1):
+        raise ValueError(f"t must lie in [0, 1] (noise at 1, data at 0); got values in "
+                         f"[{float(tt.min()):.3g}, {float(tt.max()):.3g}]")
+    return (1 - tt) * x0 + tt * noise
+
+
+def flow_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity target ``v = d x_t / d t = noise - x0`` of the straight path (constant in t)."""
+    if x0.shape != noise.shape:
+        raise ValueError(f"x0 and noise must have the same shape; got {tuple(x0.shape)} and {tuple(noise.shape)}")
+    return noise - x0
+
+
+def shift_sigmas(sigmas, shift: float):
+    """SD3's time shift ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)`` (Esser et al. 2024, eq. 23).
+
+    ``shift > 1`` spends more of the steps at high noise; 0 and 1 are fixed points.
+    """
+    if not shift > 0:
+        raise ValueError(f"shift must be positive; got {shift!r}")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The ``num_steps + 1`` sigmas (times) an Euler sampler visits, from 1 down to a final 0.
+
+    Reproduces ``FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift=shift)
+    .set_timesteps(num_steps).sigmas`` exactly, float32 rounding included: the training grid
+    ``k / T`` (k = T..1) is shifted, its ends ``sigma_max = 1`` and ``sigma_min`` are linearly
+    spaced into ``num_steps`` values, those are shifted (again), and a terminal 0 is appended.
+    The scheduler's ``timesteps`` (what the network is given) are ``sigmas[:-1] * T``.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int; got {num_steps!r}")
+    if not shift > 0:
+        raise ValueError(f"shift must be positive; got {shift!r}")
+    T = num_train_timesteps
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+        raise ValueError(f"num_train_timesteps must be a positive int; got {T!r}")
+    train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T  # (T,) float32, 1 .. 1/T
+    train = shift_sigmas(train, shift)
+    sigma_max, sigma_min = train[0].item(), train[-1].item()
+    sigmas = np.linspace(sigma_max * T, sigma_min * T, num_steps) / T  # float64, as diffusers
+    sigmas = torch.from_numpy(shift_sigmas(sigmas, float(shift))).to(torch.float32)
+    return torch.cat([sigmas, torch.zeros(1)])  # (num_steps + 1,)
+
+
+def flow_objective(
+    t_sampling: str = "uniform",
+    timestep_scale: float = 1000.0,
+    cond_dropout: float = 0.0,
+    null_cond: dict[str, torch.Tensor] | None = None,
+    forward: Callable | None = None,
+    **cond_keys,
+) -> Callable:
+    """The conditional flow-matching loss as a function ``loss(model, batch)`` for :func:`helpers.training.train`.
+
+    For each example: draw t (``"uniform"`` on [0, 1], or ``"logit_normal"``: ``sigmoid(N(0, 1))``,
+    SD3's choice, which favours the middle times) and noise ~ N(0, I), form
+    ``x_t = (1 - t) x0 + t noise`` and regress the network's output on ``v = noise - x0``:
+    ``|| v_theta(x_t, t) - (noise - x0) ||^2`` (Lipman et al. 2023, eq. 23, in our time convention).
+
+    The network is called ``forward(model, xt, t * timestep_scale, **cond)``; the default
+    ``forward`` is :func:`helpers.diffusion.denoise` (``model(x, t, **cond)``, ``.sample``
+    unwrapped), so ``UNet2DModel`` and ``DiTTransformer2DModel`` work as they are; models with
+    other signatures (``SD3Transformer2DModel``) pass their own. ``batch``, ``cond_keys``
+    (position of an extra -> keyword), ``cond_dropout`` and ``null_cond`` work as in
+    :func:`helpers.training.diffusion_objective`.
+    """
+    if t_sampling not in T_SAMPLINGS:
+        raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}; got {t_sampling!r}")
+    if not timestep_scale > 0:
+        raise ValueError(f"timestep_scale must be positive; got {timestep_scale!r}")
+    if not 0 <= cond_dropout < 1:
+        raise ValueError(f"cond_dropout must lie in [0, 1); got {cond_dropout}")
+    if cond_dropout and set(null_cond or {}) != set(cond_keys.values()):
+        raise ValueError(f"null_cond must give a null value for each of {sorted(cond_keys.values())}; "
+                         f"got {sorted(null_cond or {})}")
+    for pos in cond_keys:
+        if not str(pos).isdigit():
+            raise ValueError(f"cond_keys map positions of the batch's extras ('0', '1', ...) to keywords; got {pos!r}")
+    if forward is not None and not callable(forward):
+        raise ValueError(f"forward must be callable as forward(model, xt, timestep, **cond); got {forward!r}")
+    forward = denoise if forward is None else forward
+
+    def loss(model, batch) -> torch.Tensor:
+        x0, *extra = batch if isinstance(batch, (tuple, list)) else (batch,)
+        cond = {name: extra[int(pos)] for pos, name in cond_keys.items()}
+        if cond_dropout:
+            drop = torch.rand(len(x0), device=x0.device) < cond_dropout
+            for name, value in cond.items():
+                null = null_cond[name].to(value.device, value.dtype).expand_as(value)
+                cond[name] = torch.where(append_dims(drop, value.ndim), null, value)
+        if t_sampling == "uniform":
+            t = torch.rand(len(x0), device=x0.device)
+        else:
+            t = torch.sigmoid(torch.randn(len(x0), device=x0.device))
+        noise = torch.randn_like(x0)
+        xt = flow_interpolate(x0, noise, t)
+        out = forward(model, xt, t * timestep_scale, **cond)
+        out = out.sample if hasattr(out, "sample") else out
+        return torch.nn.functional.mse_loss(out, flow_velocity(x0, noise))
+
+    return loss
+
+
+@torch.no_grad()
+def flow_euler_sample(
+    model,
+    noise: torch.Tensor,
+    num_steps: int,
+    timestep_scale: float = 1000.0,
+    shift: float = 1.0,
+    forward: Callable | None = None,
+    guidance_scale: float | None = None,
+    null_cond: dict[str, torch.Tensor] | None = None,
+    callback: Callable | None = None,
+    **cond,
+) -> torch.Tensor:
+    """Integrate ``dx/dt = v_theta(x, t)`` from ``noise`` (t = 1) to a sample (t = 0) with Euler steps.
+
+    ``x <- x + (sigma_next - sigma) * v_theta(x, sigma * timestep_scale)`` over :func:`flow_sigmas`
+    (``num_steps``, ``shift``): the same images as a loop over
+    ``FlowMatchEulerDiscreteScheduler(shift=shift).step`` (``tests/test_flow.py``). With
+    ``guidance_scale`` the velocity is :func:`helpers.diffusion.classifier_free_guidance` of the
+    unconditional (``null_cond``, one null value per keyword, broadcast to the batch) and the
+    conditional predictions. ``callback(i, sigma, x)`` sees the state before each step (for
+    trajectories).
+    """
+    if not isinstance(noise, torch.Tensor):
+        raise ValueError(f"noise must be a tensor (the starting point at t = 1); got {type(noise).__name__}")
+    if not timestep_scale > 0:
+        raise ValueError(f"timestep_scale must be positive; got {timestep_scale!r}")
+    if guidance_scale is not None and set(null_cond or {}) != set(cond):
+        raise ValueError(f"guidance_scale needs null_cond with a null value for each of {sorted(cond)}; "
+                         f"got {sorted(null_cond or {})}")
+    if forward is not None and not callable(forward):
+        raise ValueError(f"forward must be callable as forward(model, x, timestep, **cond); got {forward!r}")
+    forward = denoise if forward is None else forward
+    sigmas = flow_sigmas(num_steps, shift).to(noise.device)  # (num_steps + 1,) float32, 1 -> 0
+    uncond = {}
+    if guidance_scale is not None:
+        for name, value in cond.items():
+            null = torch.as_tensor(null_cond[name], device=value.device, dtype=value.dtype)
+            uncond[name] = null.expand_as(value) if null.ndim <= value.ndim else null
+    x = noise
+    for i in range(num_steps):
+        if callback is not None:
+            callback(i, sigmas[i].item(), x)
+        t = (sigmas[i] * timestep_scale).expand(len(x))  # (B,): what the network is given
+        v = _output(forward(model, x, t, **cond))
+        if guidance_scale is not None:
+            v = classifier_free_guidance(_output(forward(model, x, t, **uncond)), v, guidance_scale)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v  # Euler: dt < 0, towards the data
+    if callback is not None:
+        callback(num_steps, 0.0, x)
+    return x
+
+
+def _output(out):
+    return out.sample if hasattr(out, "sample") else out

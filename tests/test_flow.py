@@ -1,0 +1,172 @@
+"""Flow matching: the path, its velocity, the Euler sampler against diffusers, the loss."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from helpers import flow, training
+
+
+def test_interpolate_end_points_and_midpoint():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    torch.testing.assert_close(flow.flow_interpolate(x0, noise, 0.0), x0)  # data at t = 0
+    torch.testing.assert_close(flow.flow_interpolate(x0, noise, 1.0), noise)  # noise at t = 1
+    torch.testing.assert_close(flow.flow_interpolate(x0, noise, 0.5), (x0 + noise) / 2)
+    t = torch.tensor([0.0, 0.25, 0.75, 1.0])  # one time per example broadcasts over C, H, W
+    xt = flow.flow_interpolate(x0, noise, t)
+    for i in range(4):
+        torch.testing.assert_close(xt[i], (1 - t[i]) * x0[i] + t[i] * noise[i])
+
+
+def test_interpolate_equals_scheduler_scale_noise():
+    sched = FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    t = sched.timesteps[3]
+    ref = sched.scale_noise(x0, t[None], noise)
+    torch.testing.assert_close(flow.flow_interpolate(x0, noise, float(sched.sigmas[3])), ref)
+
+
+def test_velocity_is_the_time_derivative():
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64), torch.randn(3, 2, 5, 5, generator=g,
+                                                                                      dtype=torch.float64)
+    h = 1e-4
+    for t in (0.1, 0.5, 0.9):
+        fd = (flow.flow_interpolate(x0, noise, t + h) - flow.flow_interpolate(x0, noise, t - h)) / (2 * h)
+        torch.testing.assert_close(fd, flow.flow_velocity(x0, noise), atol=1e-8, rtol=1e-8)
+
+
+def test_one_euler_step_with_an_oracle_lands_on_the_data_point():
+    # For a single data point x0 the true velocity field is v(x, t) = (x - x0) / t: the straight line
+    # through x and x0. One Euler step from t = 1 to t = 0 lands exactly on x0, whatever the noise.
+    x0 = torch.tensor([[0.7, -1.2]])
+
+    def oracle(x, t):  # t given as t * 1000
+        return (x - x0) / (t[:, None] / 1000)
+
+    noise = torch.randn(5, 2, generator=torch.Generator().manual_seed(3))
+    out = flow.flow_euler_sample(oracle, noise, num_steps=1)
+    torch.testing.assert_close(out, x0.expand(5, 2), atol=1e-6, rtol=0)
+    out = flow.flow_euler_sample(oracle, noise, num_steps=7, shift=3.0)  # more steps stay on the line
+    torch.testing.assert_close(out, x0.expand(5, 2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("num_steps", [1, 4, 28])
+def test_sigmas_equal_the_scheduler(shift, num_steps):
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(num_steps)
+    sigmas = flow.flow_sigmas(num_steps, shift)
+    assert torch.equal(sigmas, sched.sigmas)
+    assert torch.equal(sigmas[:-1] * 1000, sched.timesteps)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_euler_sample_equals_scheduler_loop(shift):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 16, 3, padding=1), torch.nn.SiLU(),
+                              torch.nn.Conv2d(16, 1, 3, padding=1))
+
+    def model(x, t):  # a small time-dependent velocity network
+        return net(torch.cat([x, (t / 1000)[:, None, None, None].expand_as(x)], dim=1))
+
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    ours = flow.flow_euler_sample(model, noise, num_steps=12, shift=shift)
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(12)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model(x, t.expand(len(x))), t, x).prev_sample
+    assert (ours - x).abs().max().item() < 1e-5
+
+
+def test_guidance_combines_cond_and_uncond():
+    def model(x, t, class_labels):  # velocity depends on the label: v = x - label
+        return x - class_labels[:, None].float()
+
+    noise = torch.zeros(3, 2)
+    labels = torch.tensor([1, 2, 3])
+    out = flow.flow_euler_sample(model, noise, 1, guidance_scale=2.0, null_cond={"class_labels": torch.tensor(0)},
+                                 class_labels=labels)
+    # one step, dt = -1: x = 0 - v, v = v_u + 2 (v_c - v_u) = 0 + 2 * (-label) ;  so x = 2 * label
+    torch.testing.assert_close(out, 2 * labels[:, None].float().expand(3, 2))
+    with pytest.raises(ValueError, match="null_cond"):
+        flow.flow_euler_sample(model, noise, 1, guidance_scale=2.0, class_labels=labels)
+
+
+def test_objective_equals_hand_computation():
+    x0 = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(6)
+
+    def model(x, t, class_labels):
+        return 0.5 * x + t[:, None, None, None] / 1000 + class_labels[:, None, None, None]
+
+    for sampling in flow.T_SAMPLINGS:
+        torch.manual_seed(7)
+        loss = flow.flow_objective(sampling, **{"0": "class_labels"})(model, (x0, labels))
+        torch.manual_seed(7)
+        u = torch.rand(6) if sampling == "uniform" else torch.sigmoid(torch.randn(6))
+        noise = torch.randn_like(x0)
+        xt = (1 - u[:, None, None, None]) * x0 + u[:, None, None, None] * noise
+        expected = ((model(xt, u * 1000, labels) - (noise - x0)) ** 2).mean()
+        torch.testing.assert_close(loss, expected)
+
+
+def test_objective_custom_forward_and_dropout():
+    seen = {}
+
+    def forward(model, xt, timestep, **cond):
+        seen.update(cond, timestep=timestep)
+        return model(xt)
+
+    x0, labels = torch.randn(64, 2), torch.arange(64) % 10
+    loss = flow.flow_objective(timestep_scale=1.0, cond_dropout=0.5, null_cond={"y": torch.tensor(10)},
+                               forward=forward, **{"0": "y"})
+    loss(torch.nn.Identity(), (x0, labels))
+    assert seen["timestep"].max() <= 1.0  # timestep_scale=1: the network sees t in [0, 1]
+    dropped = seen["y"] == 10
+    assert 10 < dropped.sum() < 54 and torch.equal(seen["y"][~dropped], labels[~dropped])
+
+
+def test_loss_falls_when_training_a_tiny_model():
+    # 2-D data: two points. A small MLP on (x, t) learns the velocity field; the loss must fall.
+    data = torch.tensor([[1.0, 1.0], [-1.0, -1.0]]).repeat(256, 1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64), torch.nn.SiLU(),
+                              torch.nn.Linear(64, 2))
+
+    def forward(model, x, t):
+        return model(torch.cat([x, t[:, None]], dim=1))
+
+    result = training.train(net, data, flow.flow_objective(timestep_scale=1.0, forward=forward), steps=300,
+                            batch_size=128, lr=3e-3, warmup_steps=10, ema_decay=None, progress=False)
+    first, last = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
+    assert last < 0.6 * first, (first, last)
+    samples = flow.flow_euler_sample(net, torch.randn(200, 2, generator=torch.Generator().manual_seed(1)), 20,
+                                     timestep_scale=1.0, forward=forward)
+    nearest = torch.cdist(samples, torch.tensor([[1.0, 1.0], [-1.0, -1.0]])).min(dim=1).values
+    assert nearest.median() < 0.3
+
+
+def test_bad_arguments_raise():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="t must lie"):
+        flow.flow_interpolate(x, x, 1.5)
+    with pytest.raises(ValueError, match="same shape"):
+        flow.flow_velocity(x, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="entries"):
+        flow.flow_interpolate(x, x, torch.tensor([0.1, 0.2, 0.3]))
+    with pytest.raises(ValueError, match="t_sampling"):
+        flow.flow_objective("lognormal")
+    with pytest.raises(ValueError, match="null_cond"):
+        flow.flow_objective(cond_dropout=0.1, **{"0": "class_labels"})
+    with pytest.raises(ValueError, match="forward"):
+        flow.flow_objective(forward="denoise")
+    with pytest.raises(ValueError, match="num_steps"):
+        flow.flow_sigmas(0)
+    with pytest.raises(ValueError, match="shift"):
+        flow.flow_sigmas(4, shift=0.0)
