@@ -16,8 +16,10 @@ Notation and conventions (the same as the book's notation page)
 * ``alpha = 1 - beta``; ``alpha_bar[t] = prod_{s <= t} alpha[s]``;
   ``xt = sqrt(alpha_bar[t]) * x0 + sqrt(1 - alpha_bar[t]) * eps``;
   ``snr[t] = alpha_bar[t] / (1 - alpha_bar[t])``.
-* Modules: ``schedules``, ``diffusion`` (forward and reverse process), ``data``, ``models``,
-  ``training`` (one loop on accelerate), ``zoo`` (train once, load after), ``metrics``, ``plot``.
+* Modules: ``schedules``, ``diffusion`` (forward and reverse process, DDIM), ``data``, ``models``,
+  ``training`` (one loop on accelerate), ``zoo`` (train once, load after), ``metrics``, ``plot``,
+  ``text`` (tokenizer, tiny CLIP), ``flow`` (flow matching), ``mmdit`` (SD3 in miniature),
+  ``control`` (ControlNet, LoRA, editing), ``video`` (clips, temporal attention).
 * Device: CUDA when present, else MPS, else CPU (:func:`get_device`); float32 by default.
 """
 
@@ -31,7 +33,7 @@ _diffusers.utils.logging.disable_progress_bar()
 _transformers.utils.logging.disable_progress_bar()
 _hub.utils.disable_progress_bars()
 
-from helpers import diffusion, models, plot, text, training, zoo  # noqa: E402, F401  (helpers.training etc.)
+from helpers import control, diffusion, flow, mmdit, models, plot, text, training, video, zoo  # noqa: E402, F401  (helpers.training etc.)
 from helpers.core import append_dims, get_device, seed_everything
 from helpers.data import (
     PHOTOS,
