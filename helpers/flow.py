@@ -133,26 +133,15 @@ def flow_objective(
         raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}; got {t_sampling!r}")
     if not timestep_scale > 0:
         raise ValueError(f"timestep_scale must be positive; got {timestep_scale!r}")
-    if not 0 <= cond_dropout < 1:
-        raise ValueError(f"cond_dropout must lie in [0, 1); got {cond_dropout}")
-    if cond_dropout and set(null_cond or {}) != set(cond_keys.values()):
-        raise ValueError(f"null_cond must give a null value for each of {sorted(cond_keys.values())}; "
-                         f"got {sorted(null_cond or {})}")
-    for pos in cond_keys:
-        if not str(pos).isdigit():
-            raise ValueError(f"cond_keys map positions of the batch's extras ('0', '1', ...) to keywords; got {pos!r}")
+    from helpers.training import conditioned_batches  # training imports diffusion; keep flow light
+
+    split = conditioned_batches(cond_dropout, null_cond, **cond_keys)
     if forward is not None and not callable(forward):
         raise ValueError(f"forward must be callable as forward(model, xt, timestep, **cond); got {forward!r}")
     forward = denoise if forward is None else forward
 
     def loss(model, batch) -> torch.Tensor:
-        x0, *extra = batch if isinstance(batch, (tuple, list)) else (batch,)
-        cond = {name: extra[int(pos)] for pos, name in cond_keys.items()}
-        if cond_dropout:
-            drop = torch.rand(len(x0), device=x0.device) < cond_dropout
-            for name, value in cond.items():
-                null = null_cond[name].to(value.device, value.dtype).expand_as(value)
-                cond[name] = torch.where(append_dims(drop, value.ndim), null, value)
+        x0, cond = split(batch)
         if t_sampling == "uniform":
             t = torch.rand(len(x0), device=x0.device)
         else:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from helpers.core import append_dims, seed_everything
 from helpers.diffusion import diffusion_loss, q_sample
 
-__all__ = ["TrainResult", "diffusion_objective", "ema_update", "train"]
+__all__ = ["TrainResult", "conditioned_batches", "diffusion_objective", "ema_update", "train"]
 
 
 @dataclass
@@ -42,6 +42,39 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1 - decay)
 
 
+def conditioned_batches(cond_dropout: float = 0.0, null_cond: dict[str, torch.Tensor] | None = None,
+                        **cond_keys) -> Callable:
+    """``split(batch) -> (x0, cond)``: the images and the model's keyword conditions of a batch.
+
+    ``batch`` is an image tensor, or a tuple whose first item is the images and whose other
+    items become keywords by ``cond_keys`` (position of the extra, "0", "1", ... -> keyword).
+    With ``cond_dropout``, each example's conditions are replaced by ``null_cond[name]`` with
+    that probability (one draw per example, shared by all its conditions), so one model learns
+    the conditional and the unconditional prediction that classifier-free guidance combines.
+    Shared by the diffusion and the flow-matching objectives.
+    """
+    if not 0 <= cond_dropout < 1:
+        raise ValueError(f"cond_dropout must lie in [0, 1); got {cond_dropout}")
+    if cond_dropout and set(null_cond or {}) != set(cond_keys.values()):
+        raise ValueError(f"null_cond must give a null value for each of {sorted(cond_keys.values())}; "
+                         f"got {sorted(null_cond or {})}")
+    for pos in cond_keys:
+        if not str(pos).isdigit():
+            raise ValueError(f"cond_keys map positions of the batch's extras ('0', '1', ...) to keywords; got {pos!r}")
+
+    def split(batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x0, *extra = batch if isinstance(batch, (tuple, list)) else (batch,)
+        cond = {name: extra[int(pos)] for pos, name in cond_keys.items()}
+        if cond_dropout:
+            drop = torch.rand(len(x0), device=x0.device) < cond_dropout
+            for name, value in cond.items():
+                null = null_cond[name].to(value.device, value.dtype).expand_as(value)
+                cond[name] = torch.where(append_dims(drop, value.ndim), null, value)
+        return x0, cond
+
+    return split
+
+
 def diffusion_objective(
     alpha_bar: torch.Tensor,
     prediction_type: str = "epsilon",
@@ -60,20 +93,10 @@ def diffusion_objective(
     the unconditional prediction that classifier-free guidance combines.
     """
     T = len(alpha_bar)
-    if not 0 <= cond_dropout < 1:
-        raise ValueError(f"cond_dropout must lie in [0, 1); got {cond_dropout}")
-    if cond_dropout and set(null_cond or {}) != set(cond_keys.values()):
-        raise ValueError(f"null_cond must give a null value for each of {sorted(cond_keys.values())}; "
-                         f"got {sorted(null_cond or {})}")
+    split = conditioned_batches(cond_dropout, null_cond, **cond_keys)
 
     def loss(model, batch) -> torch.Tensor:
-        x0, *extra = batch if isinstance(batch, (tuple, list)) else (batch,)
-        cond = {name: extra[int(pos)] for pos, name in cond_keys.items()}
-        if cond_dropout:
-            drop = torch.rand(len(x0), device=x0.device) < cond_dropout
-            for name, value in cond.items():
-                null = null_cond[name].to(value.device, value.dtype).expand_as(value)
-                cond[name] = torch.where(append_dims(drop, value.ndim), null, value)
+        x0, cond = split(batch)
         ab = alpha_bar.to(x0.device)
         t = torch.randint(0, T, (len(x0),), device=x0.device)
         eps = torch.randn_like(x0)
