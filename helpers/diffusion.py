@@ -278,19 +278,27 @@ def _check_int(value, name: str) -> int:
         raise ValueError(f"{name} must be an integer; got {value!r}") from None
 
 
-def ddim_timesteps(num_steps: int, T: int = 1000) -> list[int]:
-    """The timesteps a ``num_steps``-step DDIM sampler visits, descending ("leading" spacing).
+def ddim_timesteps(num_steps: int, T: int = 1000, spacing: str = "leading") -> list[int]:
+    """The timesteps a ``num_steps``-step DDIM sampler visits, descending.
 
-    ``k * (T // num_steps)`` for ``k = num_steps - 1, ..., 0``: 10 steps of ``T = 1000`` visit
-    900, 800, ..., 0. Equal to ``DDIMScheduler.set_timesteps(num_steps).timesteps`` with its
-    defaults (``timestep_spacing="leading"``, ``steps_offset=0``). The first timestep is
-    ``T - 1`` only when ``num_steps == T``: 5 steps start at 800, not 999.
+    ``spacing="leading"`` (diffusers' default): ``k * (T // num_steps)`` for
+    ``k = num_steps - 1, ..., 0``; 10 steps of ``T = 1000`` visit 900, 800, ..., 0. Equal to
+    ``DDIMScheduler.set_timesteps(num_steps).timesteps`` with ``steps_offset=0``. The first
+    timestep is ``T - 1`` only when ``num_steps == T``: 5 steps start at 800, not 999, and one
+    step is taken at t = 0, pure noise taken for an image.
+    ``spacing="trailing"``: ``T - 1 - k * (T // num_steps)`` for ``k = 0, ..., num_steps - 1``,
+    always from ``T - 1`` (1 step: [999]; 4 steps: [999, 749, 499, 249]); what few-step
+    samplers need. Equal to ``timestep_spacing="trailing"`` when ``num_steps`` divides ``T``.
     """
     num_steps, T = _check_int(num_steps, "num_steps"), _check_int(T, "T")
     if T < 1:
         raise ValueError(f"T must be >= 1; got {T}")
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must lie in [1, T={T}]; got {num_steps}")
+    if spacing == "trailing":
+        return [T - 1 - k * (T // num_steps) for k in range(num_steps)]
+    if spacing != "leading":
+        raise ValueError(f"spacing must be 'leading' or 'trailing'; got {spacing!r}")
     return [k * (T // num_steps) for k in range(num_steps - 1, -1, -1)]
 
 

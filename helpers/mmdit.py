@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.core import append_dims
-from helpers.diffusion import ddim_step, denoise
+from helpers.diffusion import ddim_step, ddim_timesteps, denoise
 
 __all__ = [
     "assemble_sd3_pipeline",
@@ -36,7 +36,6 @@ __all__ = [
     "joint_attention",
     "sd3_forward",
     "tiny_mmdit",
-    "trailing_timesteps",
 ]
 
 
@@ -132,30 +131,17 @@ def sd3_forward(model, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: 
 
 # --- few steps: consistency distillation of a DDIM teacher ---------------------------------------
 
-def trailing_timesteps(num_steps: int, T: int = 1000) -> list[int]:
-    """``T - 1 - k * (T // num_steps)``, k = 0..num_steps-1: the "trailing" spacing, which starts at T - 1.
-
-    1 step visits [999], 2 steps [999, 499], 4 steps [999, 749, 499, 249]. (The "leading"
-    spacing of :func:`helpers.diffusion.ddim_timesteps` would start 1 step at t = 0, pure noise
-    taken for an image.) Equal to diffusers' ``timestep_spacing="trailing"`` when ``num_steps``
-    divides ``T``.
-    """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be an int in [1, {T}]; got {num_steps!r}")
-    return [T - 1 - k * (T // num_steps) for k in range(num_steps)]
-
-
 @torch.no_grad()
 def ddim_trajectories(
     model, noise: torch.Tensor, alpha_bar: torch.Tensor, num_steps: int = 40, keep: list[int] | None = None,
     clip_x0: bool = True, **cond,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Run the teacher's deterministic DDIM (eta = 0) over :func:`trailing_timesteps` from ``noise`` at t = T - 1.
+    """Run the teacher's deterministic DDIM (eta = 0) over :func:`helpers.diffusion.ddim_timesteps` (``spacing="trailing"``) from ``noise`` at t = T - 1.
 
     Returns ``(x0, states)``: the samples, and the states ``x_t`` the trajectory passed at each
     timestep in ``keep`` (default: all visited). A 1-step ``num_steps`` is the teacher at 1 step.
     """
-    timesteps = trailing_timesteps(num_steps, len(alpha_bar))
+    timesteps = ddim_timesteps(num_steps, len(alpha_bar), spacing="trailing")
     keep = timesteps if keep is None else keep
     if not set(keep) <= set(timesteps):
         raise ValueError(f"keep must be timesteps the sampler visits ({timesteps[:4]}...); got {keep}")
@@ -206,13 +192,13 @@ def consistency_regression_loss(alpha_bar: torch.Tensor, timesteps: list[int]) -
 @torch.no_grad()
 def consistency_sample(model, noise: torch.Tensor, alpha_bar: torch.Tensor, num_steps: int,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) on :func:`trailing_timesteps`.
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) on :func:`helpers.diffusion.ddim_timesteps` (``spacing="trailing"``).
 
     ``x0 = f(noise, T - 1)``; then for each later timestep t: re-noise ``x_t = sqrt(ab_t) x0 +
     sqrt(1 - ab_t) z`` with fresh z (from ``generator``) and jump again, ``x0 = f(x_t, t)``.
     One network call per step; the result is clamped to [-1, 1].
     """
-    timesteps = trailing_timesteps(num_steps, len(alpha_bar))
+    timesteps = ddim_timesteps(num_steps, len(alpha_bar), spacing="trailing")
     alpha_bar = alpha_bar.to(noise.device)
     x0 = consistency_x0(model, noise, timesteps[0], alpha_bar).clamp(-1, 1)
     for t in timesteps[1:]:

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from helpers.diffusion import classifier_free_guidance
+
 __all__ = [
     "attention_pairs",
     "centroids",
@@ -322,6 +324,6 @@ def sample_clips(
         out = unet(x_in, t, encoder_hidden_states=cond).sample
         if guided:
             uncond, text = out.chunk(2)
-            out = uncond + guidance_scale * (text - uncond)
+            out = classifier_free_guidance(uncond, text, guidance_scale)
         x = scheduler.step(out, t, x).prev_sample
     return x

@@ -7,6 +7,7 @@ from diffusers.models.attention import JointTransformerBlock
 
 import helpers
 from helpers import flow, mmdit, text, training
+from helpers.diffusion import ddim_timesteps
 
 
 @pytest.mark.parametrize("context_pre_only", [False, True])
@@ -65,14 +66,14 @@ def test_tiny_mmdit_keeps_the_latent_shape():
 def test_trailing_timesteps_equal_diffusers(n):
     scheduler = DDIMScheduler(timestep_spacing="trailing")
     scheduler.set_timesteps(n)
-    assert mmdit.trailing_timesteps(n) == scheduler.timesteps.tolist()
-    assert mmdit.trailing_timesteps(n)[0] == 999  # unlike the leading spacing, always from the noisy end
+    assert ddim_timesteps(n, spacing="trailing") == scheduler.timesteps.tolist()
+    assert ddim_timesteps(n, spacing="trailing")[0] == 999  # unlike the leading spacing, always from the noisy end
 
 
 def test_trailing_timesteps_rejects_bad_counts():
     for bad in [0, 1001, 2.0]:
         with pytest.raises(ValueError, match="num_steps"):
-            mmdit.trailing_timesteps(bad)
+            ddim_timesteps(bad, spacing="trailing")
 
 
 class _Oracle(torch.nn.Module):
@@ -114,7 +115,7 @@ def test_ddim_trajectories_one_step_is_one_ddim_step():
 
 def test_consistency_regression_loss_falls():
     alpha_bar = helpers.get_schedule("linear").alpha_bar
-    grid = mmdit.trailing_timesteps(4)
+    grid = ddim_timesteps(4, spacing="trailing")
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(64, 1, 8, 8, generator=g) * 2 - 1
     states = torch.stack([alpha_bar[t].sqrt() * x0 + (1 - alpha_bar[t]).sqrt() * torch.randn(x0.shape, generator=g)
@@ -150,3 +151,8 @@ def test_sd3_pipeline_equals_the_explicit_euler_loop():
     assert images.shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="joint_attention_dim"):
         mmdit.assemble_sd3_pipeline(mmdit.tiny_mmdit(width=32, heads=2, layers=1), vae, clip, text.shapes_tokenizer())
+
+
+def test_ddim_timesteps_rejects_an_unknown_spacing():
+    with pytest.raises(ValueError, match="spacing"):
+        ddim_timesteps(4, spacing="linspace")
