@@ -116,10 +116,10 @@ def vendor_javascript() -> Path:
 
 
 def stage_site() -> None:
-    """Lay out the book's sources: config, plain pages, executed notebooks, student assignments."""
+    """Lay out the book's sources: config, bibliography, plain pages, executed notebooks, assignments."""
     shutil.rmtree(SITE_SRC, ignore_errors=True)
     SITE_SRC.mkdir(parents=True)
-    for name in ("_config.yml", "_toc.yml"):
+    for name in ("_config.yml", "_toc.yml", "references.bib"):
         shutil.copy(ROOT / name, SITE_SRC / name)
     shutil.copytree(ROOT / "chapters" / "images", SITE_SRC / "chapters" / "images")
     for md in (ROOT / "chapters").glob("*.md"):
