@@ -30,7 +30,8 @@ def test_chapter_executed_cleanly_with_figures_and_checks(source, executed_dir):
             assert cell.get("execution_count") is not None or cell.metadata.get("papermill", {}).get("status") == "completed"
     tags = [t for c in code for t in c.metadata.get("tags", [])]
     assert tags.count("parameters") == 1, "exactly one papermill parameters cell"
-    assert "device" in next(c.source for c in code if "parameters" in c.metadata.get("tags", []))
+    if source.stem[0].isdigit():  # a chapter trains or samples, so it takes the device (the errata page computes on the CPU)
+        assert "device" in next(c.source for c in code if "parameters" in c.metadata.get("tags", []))
     pngs = sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
     assert pngs >= 3, "a chapter shows its figures"
     stdout = "".join(o.get("text", "") for o in code[-1].get("outputs", []) if o.get("name") == "stdout")
