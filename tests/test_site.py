@@ -96,9 +96,21 @@ def loaded(browser, server, site_dir):
 
 def test_the_site_has_the_course_pages(site_dir):
     pages = site_pages(site_dir)
-    for expected in ("index.html", "chapters/intro.html", "chapters/notation.html",
-                     "chapters/01_forward_process.html", "assignments/schedule_math/schedule_math.html"):
+    for expected in ("index.html", "chapters/intro.html", "chapters/notation.html", "chapters/errata.html",
+                     "chapters/references.html", "chapters/01_forward_process.html",
+                     "assignments/schedule_math/schedule_math.html"):
         assert expected in pages
+
+
+def test_citations_resolve_to_the_references_page(loaded):
+    """Every {cite} became a link into the bibliography; the references page lists the entries."""
+    refs = loaded["chapters/references.html"]
+    assert refs["text"].count("[") >= 40, "the references page lists the bibliography"  # one label per entry
+    cited = [l for rel, rec in loaded.items() if rel.startswith("chapters/0") for l in rec["links"]
+             if "references.html#id" in l]
+    assert len(cited) >= 40, f"only {len(cited)} citation links in the chapters"
+    errata = loaded["chapters/errata.html"]["text"]
+    assert "What the lecture notes get wrong" in errata and "Peebles" in errata
 
 
 def test_pages_load_with_no_failed_or_external_requests_and_no_errors(loaded):
