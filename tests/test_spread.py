@@ -75,3 +75,23 @@ def test_a_check_in_a_loop_is_recorded_once_per_pass(checks):
     assert [(r["instance"], r["values"], r["ok"]) for r in loop] == [(1, [3.0, 3.0], True), (2, [6.0, 3.0], True)]
     assert loop[0]["margin"] == 0 and loop[1]["margin"] == pytest.approx(0.5)
     assert next(r for r in records if r["source"] == "inner(x) == 3")["ok"]
+
+
+def test_the_report_aligns_runs_by_check_text_and_fails_on_any_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(spread, "OUT", tmp_path)
+
+    def run(seed, where, value, ok):
+        check = {"where": where, "instance": 1, "source": "a < 1", "term": "a < 1", "ok": ok,
+                 "values": [value, 1.0], "margin": (1.0 - value) / max(abs(value), 1.0)}
+        folder = tmp_path / "09_demo"
+        folder.mkdir(exist_ok=True)
+        (folder / f"seed{seed}-t1.json").write_text(json.dumps(
+            {"chapter": "09_demo", "seed": seed, "threads": 1, "seconds": 1.0, "error": None, "checks": [check]}))
+
+    run(1, "3:4", 0.5, True)
+    run(2, "5:4", 0.8, True)  # the same check, in a cell that moved between the runs
+    assert spread.report()
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| `a < 1`")]
+    assert len(rows) == 1 and "0.5 vs 1" in rows[0] and "0.8 vs 1" in rows[0] and rows[0].endswith("+20% |")
+    run(2, "5:4", 1.5, False)
+    assert not spread.report() and "**FAIL** 1.5 vs 1" in (tmp_path / "report.md").read_text()

@@ -170,16 +170,22 @@ def report() -> bool:
                                                           for t, r in zip(tags, mine)), "",
                   "| check | " + " | ".join(tags) + " | min margin |", "|---|" + "---|" * (len(tags) + 1)]
         all_ok &= all(r["error"] is None for r in mine)
-        keys = []
+        # A check is known by its text and how often that text came before it in the run (a loop's
+        # passes, or the same test in two places), not by its cell, so edits between runs keep rows aligned.
+        keyed, keys = [], []
         for r in mine:
+            seen, by_key = {}, {}
             for c in r["checks"]:
-                k = (c["where"], c["instance"], c["term"])
+                k = (c["term"], seen.setdefault(c["term"], 0))
+                seen[c["term"]] += 1
+                by_key[k] = c
                 if k not in keys:
                     keys.append(k)
+            keyed.append(by_key)
         for k in keys:
             cells, margins = [], []
-            for r in mine:
-                c = next((c for c in r["checks"] if (c["where"], c["instance"], c["term"]) == k), None)
+            for by_key in keyed:
+                c = by_key.get(k)
                 if c is None:
                     cells.append("–")
                     continue
@@ -188,7 +194,7 @@ def report() -> bool:
                 all_ok &= c["ok"]
                 if c["margin"] is not None:
                     margins.append(c["margin"])
-            term = k[2].replace("|", "\\|")
+            term = k[0].replace("|", "\\|")
             lines.append(f"| `{term}` | " + " | ".join(cells) + f" | {min(margins):+.0%} |" if margins else
                          f"| `{term}` | " + " | ".join(cells) + " | |")
     text = "\n".join(lines) + "\n"
