@@ -26,6 +26,7 @@ __all__ = [
     "Schedule",
     "alpha_bar_from_betas",
     "cosine_betas",
+    "unevenness",
     "first_step_below",
     "get_schedule",
     "linear_betas",
@@ -106,6 +107,20 @@ def alpha_bar_from_betas(betas: torch.Tensor) -> torch.Tensor:
     if not torch.all((betas > 0) & (betas <= 1)):
         raise ValueError("betas must lie in (0, 1]")
     return torch.cumprod(1 - betas, dim=0)
+
+
+def unevenness(x: torch.Tensor) -> float:
+    """How far ``x`` is from evenly spaced values between its ends, as a fraction of its range.
+
+    0 for ``linspace``; scale-free, so tiny sequences (``beta**2``) cannot look even by being small.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"x must be a 1-D tensor of at least 2 values; got {getattr(x, 'shape', type(x))}")
+    x = x.double()
+    if x[-1] == x[0]:
+        raise ValueError("x must have different first and last values (its range is 0)")
+    even = torch.linspace(x[0].item(), x[-1].item(), len(x), dtype=torch.float64)
+    return ((x - even).abs().max() / (x[-1] - x[0]).abs()).item()
 
 
 def snr(alpha_bar: torch.Tensor) -> torch.Tensor:

@@ -229,3 +229,15 @@ def test_timestep_slider_spans_every_step():
     slider = shown.widget.children[0]
     assert (slider.min, slider.max) == (0, 49)
     slider.value = 25  # moving it re-runs the drawing function without error
+
+
+def test_unevenness_is_zero_for_linspace_and_scale_free():
+    from helpers.schedules import unevenness
+
+    assert unevenness(torch.linspace(1e-4, 0.02, 1000)) < 1e-6
+    squares = torch.linspace(0.0, 1.0, 101) ** 2  # max |t^2 - t| on [0, 1] is 1/4, at t = 1/2
+    assert abs(unevenness(squares) - 0.25) < 1e-6
+    assert abs(unevenness(1e-6 * squares) - 0.25) < 1e-6  # small numbers do not look even
+    for bad in (torch.ones(5), torch.zeros(1), torch.zeros(2, 2)):
+        with pytest.raises(ValueError, match="x must"):
+            unevenness(bad)
