@@ -15,7 +15,12 @@ defaults to ``submitted/`` in the course root. The steps:
 2. ``nbgrader autograde`` once per student (students are created as needed), so a submission
    that kills its kernel (``os._exit``, a segfault, memory) fails alone;
 3. ``nbgrader generate_feedback`` writes HTML reports to ``feedback/`` (for the instructor);
-4. ``nbgrader export`` writes every score to ``grades.csv``; a table is printed.
+4. ``nbgrader export`` writes every score to ``grades.csv``; a table is printed, with what the
+   integrity check (tools/integrity.py, run inside step 2) found in each submission: a
+   submission *held for review* tampered with the kernel, the interpreter or the tests, was not
+   run and scored 0; an answer *not the student's own* delegated to the course's helpers, a
+   library or a test's reference and lost those tests. The findings are in
+   ``integrity/ASSIGNMENT/STUDENT.json``.
 
 The exit status is 0 when every submission was graded and 1 when any failed, decided only
 after everyone else has been graded and the grades exported.
@@ -23,6 +28,7 @@ after everyone else has been graded and the grades exported.
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +57,12 @@ def errors(log: str, limit: int = 15) -> str:
     """nbgrader's ERROR lines: enough to see why one student failed."""
     lines = [line for line in log.splitlines() if "ERROR" in line]
     return "\n".join(lines[:limit]) or log[-2000:]
+
+
+def integrity_report(name: str, student: str) -> dict:
+    """What tools/integrity.py found in one submission ({} if it has not been checked)."""
+    path = COURSE_ROOT / "integrity" / name / f"{student}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def main() -> int:
@@ -87,13 +99,24 @@ def main() -> int:
         rows = {r["student_id"]: r for r in csv.DictReader(f) if r["assignment"] == name}
     width = max(len(s) for s in students + ["student"])
     print(f"\n{'student':<{width}}  score ({name})")
+    reports = {}
     for student in students:
         if student in failed:
             outcome = f"FAILED: {failed[student]}, scored 0 (see the errors above)"
         else:
             row = rows[student]
             outcome = f"{float(row['score']):g} / {float(row['max_score']):g}"
+            reports[student] = report = integrity_report(name, student)
+            if report.get("held_for_review"):
+                outcome += "   HELD FOR REVIEW: tampering, not run"
+            elif report.get("findings"):
+                outcome += "   answers not the student's own lost their tests"
         print(f"{student:<{width}}  {outcome}")
+    for student, report in reports.items():
+        if report.get("findings"):
+            print(f"\n{student}: {'held for review' if report['held_for_review'] else 'not their own answer'}")
+            for f in report["findings"]:
+                print(f"  - {f['kind']}: {f['cell']}, line {f['line']}: {f['what']}")
     print(f"\ngrades: {COURSE_ROOT / 'grades.csv'}   feedback: {COURSE_ROOT / 'feedback'}/")
     return 1 if failed else 0
 
