@@ -10,9 +10,12 @@ repository.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import csv
 import dataclasses
+import html
+import json
 import os
 import re
 import shutil
@@ -26,6 +29,9 @@ from nbgrader.api import Gradebook
 from traitlets.config.loader import PyFileConfigLoader
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import integrity  # noqa: E402  (tools/integrity.py)
+
 COURSE_ID = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config().CourseDirectory.course_id
 
 
@@ -314,6 +320,142 @@ ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP, CFG_ARITHMETIC, 
                                    DIT_FLOW, LORA_CONTROLNET, VIDEO_PATCHES)}
 MISTAKES = [(a.name, student) for a in ASSIGNMENTS.values() for student in sorted(a.mistakes)]
 
+# Habits the values alone do not show (see check_habits in each assignment's first cell): an
+# input overwritten in place, a dtype ignored, gradients cut by torch.no_grad(), a count returned
+# as a float. assignment -> {habit: ((answer cell, old, new), the tests it must fail)}. The habits
+# of one assignment are planted together in one submission (kernels are slow to start); their
+# tests are disjoint, so losing exactly the union proves each one is caught.
+HABITS = {
+    "schedule_math": {
+        "in_place": (("q_sample", "return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps",
+                      "return x0.mul_(alpha_bar_t.sqrt()).add_((1 - alpha_bar_t).sqrt() * eps)"), {"test_q_sample"}),
+        "dtype": (("linear_betas", "T, dtype=dtype)", "T, dtype=torch.float64)"), {"test_linear_betas"}),
+        "no_grad": (("snr", "    return alpha_bar / (1 - alpha_bar)",
+                     "    with torch.no_grad():\n        return alpha_bar / (1 - alpha_bar)"), {"test_snr"}),
+    },
+    "reverse_step": {
+        "in_place": (("predict_eps", "return (xt - alpha_bar_t.sqrt() * x0) / (1 - alpha_bar_t).sqrt()",
+                      "return xt.sub_(alpha_bar_t.sqrt() * x0).div_((1 - alpha_bar_t).sqrt())"),
+                     {"test_predict_eps", "test_round_trips"}),  # the round trip reuses the x_t it overwrote
+        "dtype": (("posterior_mean_variance", "if t > 0 else torch.ones_like(alpha_bar_t)", "if t > 0 else torch.tensor(1.0)"),
+                  {"test_posterior_mean_variance"}),
+        "no_grad": (("simple_loss", "    return ((eps_pred - eps) ** 2).mean()",
+                     "    with torch.no_grad():\n        return ((eps_pred - eps) ** 2).mean()"), {"test_simple_loss"}),
+    },
+    "cfg_arithmetic": {
+        "in_place": (("cfg_combine", "return eps_uncond + w * (eps_cond - eps_uncond)",
+                      "eps_uncond += w * (eps_cond - eps_uncond)\n    return eps_uncond"), {"test_cfg_combine"}),
+        "float_count": (("evaluation_budget", "evaluations_per_step = 2 if guided else 1", "evaluations_per_step = 2.0 if guided else 1.0"),
+                        {"test_evaluation_budget"}),
+    },
+    "ddim_reconstruction": {
+        "in_place": (("ddim_step", "x0_pred = (xt - (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_bar_t.sqrt()",
+                      "xt -= (1 - alpha_bar_t).sqrt() * eps_pred\n    x0_pred = xt / alpha_bar_t.sqrt()"),
+                     {"test_ddim_step", "test_ddim_step_eta"}),
+        "integer_steps": (("ddim_timesteps", "torch.arange(num_steps).flip(0) * k", "torch.arange(num_steps).flip(0) * float(k)"),
+                          {"test_ddim_timesteps"}),  # the right values, as floats
+    },
+    "dit_flow": {
+        "in_place": (("euler_step", "return x_t + (t_next - t) * v", "x_t += (t_next - t) * v\n    return x_t"), {"test_euler_step"}),
+        "dtype": (("flow_interpolate", "t = torch.as_tensor(t, dtype=x0.dtype)", "t = torch.as_tensor(t, dtype=torch.float64)"),
+                  {"test_flow_interpolate"}),
+        "no_grad": (("adaln_zero_block", "    shift, scale, gate = ada(cond).chunk(3, dim=-1)",
+                     "    with torch.no_grad():  # only a modulation\n        shift, scale, gate = ada(cond).chunk(3, dim=-1)"),
+                    {"test_adaln_zero_block"}),
+    },
+    "lora_controlnet": {
+        "in_place": (("merge_lora", "return W + (alpha / r) * (B @ A)", "return W.add_((alpha / r) * (B @ A))"), {"test_merge_lora"}),
+        "no_grad": (("lora_forward", "    return x @ W.T + b",
+                     "    with torch.no_grad():  # the frozen layer needs no gradients\n        return x @ W.T + b"),
+                    {"test_lora_forward"}),
+        "float_count": (("lora_param_count", "count = r * (d_in + d_out)", "count = float(r * (d_in + d_out))"),
+                        {"test_lora_param_count"}),
+    },
+    "video_patches": {
+        "dtype": (("frame_difference", "return diffs.abs().mean(dim=(1, 2, 3, 4))",
+                   "return torch.tensor([d.abs().mean().item() for d in diffs])"), {"test_frame_difference"}),
+        "no_grad": (("temporal_attention", "    out = weights @ tokens",
+                     "    with torch.no_grad():\n        out = weights @ tokens"), {"test_temporal_attention"}),
+        "float_count": (("attention_cost", "full = (frames * positions) ** 2", "full = math.pow(frames * positions, 2)"),
+                        {"test_attention_cost"}),
+    },
+}
+
+# Answers that are somebody else's: the course's helpers, a library, a test's reference or the
+# call the text forbids. assignment -> ({answer cell: new body}, the tests they must fail).
+BORROWED = {
+    "schedule_math": ({
+        "snr": "from helpers.schedules import snr as course_snr\nreturn course_snr(alpha_bar)",
+        "linear_betas": "from diffusers import DDPMScheduler\n"
+                        "return DDPMScheduler(num_train_timesteps=T, beta_start=beta_start, beta_end=beta_end).betas.to(dtype)",
+    }, {"test_snr", "test_linear_betas", "test_linear_alpha_bar_first_step"}),
+    "reverse_step": ({
+        "predict_x0": "from helpers.diffusion import x0_from_eps\nreturn x0_from_eps(xt, eps, alpha_bar_t)",
+        "v_from": "import helpers.diffusion as course\nreturn course.v_from_x0_eps(x0, eps, alpha_bar_t)",
+    }, {"test_predict_x0", "test_v_from", "test_round_trips"}),
+    "cfg_arithmetic": ({
+        "cfg_combine": "from helpers.diffusion import classifier_free_guidance\n"
+                       "return classifier_free_guidance(eps_uncond, eps_cond, w)",
+    }, {"test_cfg_combine"}),
+    "ddim_reconstruction": ({
+        "ddim_timesteps": "from helpers.diffusion import ddim_timesteps as course\nreturn torch.tensor(course(num_steps, T))",
+    }, {"test_ddim_timesteps"}),
+    "dit_flow": ({
+        "patchify": "B, C, H, W = x.shape\nif H % p or W % p:\n    raise ValueError(f'{H}x{W} is not a multiple of {p}')\n"
+                    "return patchify_loop(x, p)  # the visible test's reference",
+        "flow_interpolate": "from helpers import flow\nreturn flow.flow_interpolate(x0, noise, t)",
+    }, {"test_patchify", "test_patchify_conv", "test_flow_interpolate"}),
+    "lora_controlnet": ({
+        "zero_conv": "from diffusers.models.controlnets.controlnet import zero_module\n"
+                     "return zero_module(torch.nn.Conv2d(channels, channels, kernel_size=1))",
+    }, {"test_zero_conv", "test_zero_conv_gradients"}),
+    "video_patches": ({
+        "temporal_attention": "B, F_, C, H, W = x.shape\ntokens = x.permute(0, 3, 4, 1, 2).reshape(B * H * W, F_, C)\n"
+                              "out = F.scaled_dot_product_attention(tokens, tokens, tokens)  # forbidden by the text\n"
+                              "return out.reshape(B, H, W, F_, C).permute(0, 3, 4, 1, 2)",
+        "attention_cost": "from helpers.video import attention_pairs\npairs = attention_pairs(frames, positions)\n"
+                          "return pairs['full'], pairs['factorised']",
+    }, {"test_temporal_attention", "test_temporal_attention_is_local", "test_attention_cost"}),
+}
+
+# A correct answer that makes torch print a warning while a test runs: it keeps its points.
+WARNS = {
+    "schedule_math": (("alpha_bar", "torch.cumprod(1 - betas, dim=0)", "torch.cumprod(1 - betas.T, dim=0)"), "test_alpha_bar"),
+    "reverse_step": (("x0_from_v", "alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=xt.dtype)",
+                      "alpha_bar_t = torch.tensor(alpha_bar_t, dtype=xt.dtype)"), "test_x0_from_v"),
+}
+
+# Cells that tamper with the grading kernel, added to the untouched release (every answer still
+# `raise NotImplementedError()`): without the integrity check the first one scores full marks.
+AST_ATTACK = """import ast
+
+class Forgive(ast.NodeTransformer):
+    def visit_Module(self, node):  # every later cell runs inside try/except: no test can fail
+        handler = ast.ExceptHandler(type=None, name=None, body=[ast.Pass()])
+        return ast.fix_missing_locations(ast.Module(body=[ast.Try(body=node.body, handlers=[handler], orelse=[],
+                                                                  finalbody=[])], type_ignores=[]))
+
+get_ipython().ast_transformers.append(Forgive())"""
+TAMPERING = {
+    "ast_transformer": AST_ATTACK,
+    # IPython's input transformers, reached without naming get_ipython or importing sys or ast
+    "input_transformer_via_torch_sys": """def forgive(lines):  # every later cell becomes try: ... except: pass
+    body = ["    " + line if line.endswith("\\n") else "    " + line + "\\n" for line in lines]
+    return ["try:\\n"] + body + ["    pass\\n", "except BaseException:\\n", "    pass\\n"]
+
+torch.sys.modules["IPython"].get_ipython().input_transformers_post.append(forgive)""",
+    "patched_assert_close": "torch.testing.assert_close = lambda *args, **kwargs: None\n"
+                            "check_habits = lambda fn, *args, **kwargs: None",
+    "always_equal": "def first_step_below(values, threshold):\n"
+                    "    class Equal(int):\n        def __eq__(self, other):\n            return True\n"
+                    "    return Equal(0)",
+}
+
+
+# nbgrader's own autograde steps, without the integrity check (appended to a course's config).
+PLAIN_NBGRADER = ("c.Autograde.autograde_preprocessors = [Execute, IgnorePattern, ClearMetadataPreprocessor, "
+                  "LimitOutput, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata]")
+
 
 # ------------------------------------------------------------------------------ helpers
 def make_course(path: Path) -> Path:
@@ -322,7 +464,8 @@ def make_course(path: Path) -> Path:
     shutil.copy(ROOT / "nbgrader_config.py", path)
     shutil.copytree(ROOT / "solutions", path / "solutions")
     (path / "tools").mkdir()
-    shutil.copy(ROOT / "tools" / "grade.py", path / "tools")
+    for tool in ("grade.py", "integrity.py"):
+        shutil.copy(ROOT / "tools" / tool, path / "tools")
     return path
 
 
@@ -333,6 +476,7 @@ def env(course: Path) -> dict:
         "HF_HUB_OFFLINE": "1",
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
         "NBGRADER_DB_URL": f"sqlite:///{course / 'gradebook.db'}",
+        "OMP_NUM_THREADS": "1",
     }
 
 
@@ -344,6 +488,17 @@ def run(course: Path, *args: str) -> subprocess.CompletedProcess:
 
 def nbgrader(course: Path, *args: str) -> subprocess.CompletedProcess:
     return run(course, sys.executable, "-m", "nbgrader", *args)
+
+
+def autograde(course: Path, *args: str) -> subprocess.CompletedProcess:
+    """`nbgrader autograde`, again for the students it failed when a kernel lost the race for a TCP
+    port to a kernel of another grading process (jupyter_client picks a free port, then the kernel
+    binds it). Without --force, nbgrader skips the students already graded."""
+    for _ in range(3):
+        result = nbgrader(course, "autograde", *args)
+        if result.returncode == 0 or "Address already in use" not in result.stdout:
+            return result
+    return result
 
 
 def submit(course: Path, name: str, student: str, nb) -> None:
@@ -371,6 +526,40 @@ def edited(name: str, gid: str, old: str, new: str, nb=None):
     assert old in answer.source, f"the solution of {gid} changed: update this test's edit"
     answer.source = answer.source.replace(old, new)
     return nb
+
+
+def answered(nb, gid: str, body: str):
+    """The notebook with one answer's solution replaced by another body (indented into the function)."""
+    nb = copy.deepcopy(nb)
+    answer = cell(nb, gid)
+    indented = "".join(f"    {line}\n" for line in body.splitlines())
+    answer.source, count = re.subn(r"[ \t]*### BEGIN SOLUTION\n.*?### END SOLUTION\n?", lambda _: indented,
+                                   answer.source, flags=re.S)
+    assert count == 1, f"{gid} has no solution block to replace"
+    return nb
+
+
+def tampered(name: str, code: str):
+    """The untouched release with one cell of tampering added right after the set-up cell."""
+    nb = nbformat.read(ASSIGNMENTS[name].release, as_version=4)
+    nb.cells.insert(nb.cells.index(cell(nb, "imports")) + 1, nbformat.v4.new_code_cell(code))
+    return nb
+
+
+def as_graded(nb, name: str):
+    """What grading reads: nbgrader has put the instructor's locked and test cells back."""
+    source = {grade_id(c): c for c in source_nb(name).cells if grade_id(c)}
+    nb = copy.deepcopy(nb)
+    for c in nb.cells:
+        meta = c.metadata.get("nbgrader", {})
+        if meta and not meta.get("solution") and grade_id(c) in source:
+            c.source = source[grade_id(c)].source
+    return nb
+
+
+def report(course: Path, name: str, student: str) -> dict:
+    """The integrity check's findings for one graded submission."""
+    return json.loads((course / "integrity" / name / f"{student}.json").read_text())
 
 
 def scores(course: Path, name: str, student: str) -> tuple[float, float, dict[str, float]]:
@@ -421,19 +610,49 @@ def grade_everyone(course: Path, a: Assignment) -> Path:
     nb.cells.remove(cell(nb, a.after_markdown))
     submit(course, a.name, "test_after_markdown_deleted", nb)
 
-    result = nbgrader(course, "autograde", a.name, "--create")
+    # Every habit, planted together (their tests are disjoint).
+    nb = source_nb(a.name)
+    for edit, _ in HABITS[a.name].values():
+        nb = edited(a.name, *edit, nb=nb)
+    submit(course, a.name, "habits", nb)
+
+    # Answers that are not the student's own, and a correct answer that warns.
+    bodies, _ = BORROWED[a.name]
+    nb = source_nb(a.name)
+    for gid, body in bodies.items():
+        nb = answered(nb, gid, body)
+    if a.name in WARNS:
+        nb = edited(a.name, *WARNS[a.name][0], nb=nb)
+    submit(course, a.name, "borrowed", nb)
+
+    # The attack that scored full marks everywhere before the integrity check.
+    submit(course, a.name, "ast_transformer", tampered(a.name, AST_ATTACK))
+
+    result = autograde(course, a.name, "--create")
     assert result.returncode == 0, result.stdout
+
+    # An infinite loop, graded alone with a short timeout (test_infinite_loop_costs_only_its_answer).
+    submit(course, a.name, "loops", edited(a.name, a.loops[0], "### BEGIN SOLUTION", "while True:\n        pass"))
+    result = autograde(course, a.name, "--student=loops", "--create", "--Execute.timeout=10")
+    assert result.returncode == 0, result.stdout
+    (course / "loops.log").write_text(result.stdout)
     return course
 
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    """graded(name): the course in which every submission of that assignment was graded (once)."""
+    """graded(name): the course in which every submission of that assignment was graded (once).
+    All assignments are graded on first use, two at a time: each `nbgrader autograde` is one
+    process whose kernels run one thread (env() sets OMP_NUM_THREADS=1), so two share the CI's two
+    cores; autograde() retries the kernel-port race that two of them can run into."""
     courses: dict[str, Path] = {}
 
     def get(name: str) -> Path:
-        if name not in courses:
-            courses[name] = grade_everyone(make_course(tmp_path_factory.mktemp(name)), ASSIGNMENTS[name])
+        if not courses:
+            folders = {n: make_course(tmp_path_factory.mktemp(n)) for n in ASSIGNMENTS}
+            with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+                futures = {n: pool.submit(grade_everyone, folders[n], a) for n, a in ASSIGNMENTS.items()}
+                courses.update({n: f.result() for n, f in futures.items()})
         return courses[name]
 
     return get
@@ -512,11 +731,8 @@ def test_every_test_cell_can_be_restored(name):
 @names
 def test_infinite_loop_costs_only_its_answer(graded, name):
     """A cell past the timeout is interrupted and fails; every other test still runs and earns its points."""
-    course, (answer, test) = graded(name), ASSIGNMENTS[name].loops
-    submit(course, name, "loops", edited(name, answer, "### BEGIN SOLUTION", "while True:\n        pass"))
-    result = nbgrader(course, "autograde", name, "--student=loops", "--create", "--Execute.timeout=10")
-    assert result.returncode == 0, result.stdout
-    assert "Timeout waiting for execute reply" in result.stdout
+    course, (_, test) = graded(name), ASSIGNMENTS[name].loops
+    assert "Timeout waiting for execute reply" in (course / "loops.log").read_text()
     score, max_score, _ = scores(course, name, "loops")
     assert lost(course, name, "loops") == {test}
     assert score == max_score - points(name)[test]
@@ -526,6 +742,8 @@ def test_grade_py_survives_a_crashing_student(tmp_path):
     """tools/grade.py grades everyone, reports the student whose kernel died, exports, then exits 1."""
     name = "schedule_math"  # grade.py does not depend on the assignment
     course = make_course(tmp_path / "course")
+    with open(course / "nbgrader_config.py", "a") as f:  # the integrity check would not run os._exit at all
+        f.write(f"\n{PLAIN_NBGRADER}\n")
     inbox = tmp_path / "inbox"  # --submitted: a folder outside the course
     for student, nb in [("good", source_nb(name)),
                         ("crashes", edited(name, "alpha_bar", "### BEGIN SOLUTION", "import os; os._exit(1)"))]:
@@ -586,3 +804,163 @@ def test_release_contains_no_answers_or_hidden_tests(name):
                 assert line not in released, f"{grade_id(source_cell)} leaks: {line}"
                 checked += 1
     assert checked > 50, "the check found almost no solution or hidden-test lines to look for"
+
+
+# ------------------------------------------------------------------------------ integrity
+@names
+def test_honest_work_has_no_findings(graded, name):
+    """The instructor's solution and the untouched release pass the integrity check untouched."""
+    assert report(graded(name), name, "solution")["findings"] == []
+    assert report(graded(name), name, "release")["findings"] == []
+
+
+@names
+def test_ast_transformer_attack_is_held_for_review(graded, name):
+    """A cell that makes IPython wrap every later cell in try/except scores 0, and the report says why."""
+    score, max_score, _ = scores(graded(name), name, "ast_transformer")
+    assert max_score > 0 and score == 0
+    found = report(graded(name), name, "ast_transformer")
+    assert found["held_for_review"]
+    assert any("get_ipython" in f["what"] and f["kind"] == "tampering" for f in found["findings"]), found
+
+
+@names
+def test_habits_are_graded(graded, name):
+    """An input changed in place, a dtype ignored, gradients cut, a count as a float: each loses its tests."""
+    planted = [tests for _, tests in HABITS[name].values()]
+    expected = set().union(*planted)
+    assert sum(map(len, planted)) == len(expected), "the habits' tests overlap: plant them in separate submissions"
+    assert lost(graded(name), name, "habits") == expected
+    assert report(graded(name), name, "habits")["findings"] == []  # honest mistakes, not misconduct
+
+
+@names
+def test_borrowed_answers_lose_their_tests_and_a_warning_costs_nothing(graded, name):
+    """helpers, a library, a test's reference or a forbidden call: those answers' tests score 0 (and only
+    those); a correct answer whose test prints a torch warning keeps its points."""
+    course = graded(name)
+    assert lost(course, name, "borrowed") == BORROWED[name][1]
+    found = report(course, name, "borrowed")
+    assert not found["held_for_review"] and found["findings"]
+    assert {f["kind"] for f in found["findings"]} == {"delegation"}
+    assert {f["cell"] for f in found["findings"]} == set(BORROWED[name][0])
+    if name in WARNS:
+        graded_nb = nbformat.read(course / "autograded" / "borrowed" / name / ASSIGNMENTS[name].notebook, as_version=4)
+        text = "".join(o.get("text", "") for o in cell(graded_nb, WARNS[name][1]).outputs)
+        assert "[stderr, not counted]" in text and "Warning" in text, "the warning was not emitted: pick another"
+
+
+@pytest.fixture(scope="module")
+def tampering_course(tmp_path_factory):
+    """schedule_math graded twice: by the course's config, and by plain nbgrader (no integrity check)."""
+    name, courses = "schedule_math", {}
+    for config in ("course", "plain"):
+        course = make_course(tmp_path_factory.mktemp(f"tampering-{config}"))
+        if config == "plain":
+            with open(course / "nbgrader_config.py", "a") as f:
+                f.write(f"\n{PLAIN_NBGRADER}\n")
+        assert nbgrader(course, "generate_assignment", name, "--force").returncode == 0
+        for attack, code in TAMPERING.items():
+            nb = tampered(name, code)
+            if attack == "always_equal":  # an answer, not an added cell
+                nb = nbformat.read(ASSIGNMENTS[name].release, as_version=4)
+                cell(nb, "first_step_below").source = code
+            submit(course, name, attack, nb)
+        result = autograde(course, name, "--create")
+        assert result.returncode == 0, result.stdout
+        courses[config] = course
+    return courses
+
+
+@pytest.mark.parametrize("attack", list(TAMPERING))
+def test_tampering_scores_zero_and_is_reported(tampering_course, attack):
+    """Each attack on the grading kernel scores 0 and is held for review, with a reason in plain words."""
+    name = "schedule_math"
+    score, max_score, _ = scores(tampering_course["course"], name, attack)
+    assert max_score > 0 and score == 0
+    found = report(tampering_course["course"], name, attack)
+    assert found["held_for_review"] and all(f["what"] for f in found["findings"])
+
+
+@pytest.mark.parametrize("attack", ["ast_transformer", "input_transformer_via_torch_sys"])
+def test_kernel_attacks_are_real(tampering_course, attack):
+    """Without the integrity check, plain nbgrader gives these submissions (no answer at all) full marks:
+    the tests above would fail if the check were removed."""
+    score, max_score, _ = scores(tampering_course["plain"], "schedule_math", attack)
+    assert score == max_score > 0
+
+
+def release_as_graded(name: str):
+    return as_graded(nbformat.read(ASSIGNMENTS[name].release, as_version=4), name)
+
+
+@names
+@pytest.mark.parametrize("attack", list(TAMPERING))
+def test_every_attack_is_found_in_every_assignment(name, attack):
+    """The integrity check itself (no kernel): each attack, added to each release, is tampering."""
+    nb = release_as_graded(name)
+    nb.cells.insert(1, nbformat.v4.new_code_cell(TAMPERING[attack]))
+    findings = integrity.check_notebook(nb, source_nb(name))
+    assert any(f.kind == "tampering" for f in findings), findings
+
+
+@names
+def test_instructor_notebooks_pass_the_check(name):
+    """The solutions, and the releases as grading sees them, have no findings: honest work is never held."""
+    assert integrity.check_notebook(source_nb(name), source_nb(name)) == []
+    assert integrity.check_notebook(release_as_graded(name), source_nb(name)) == []
+
+
+HONEST = {  # code an honest student might write: no finding
+    "local names that shadow built-ins": "def g(input, sum=0):\n    max = input.max()\n    return input + sum + max",
+    "a nested helper named like a test's": "def cosine_betas(T):\n    def f(u):\n        return u\n    return f(T)",
+    "timing magics": "%timeit x = 1\n%time y = 2",
+    "torch and numpy": "import numpy as np\nimport torch.nn.functional as F\nx = np.zeros(3)\ny = F.relu(torch.ones(2))",
+    "in-place tensor methods": "conv = torch.nn.Conv2d(2, 2, 1)\nwith torch.no_grad():\n    conv.weight.zero_()",
+    "subscript assignment": "x = torch.zeros(3)\nx[0] = 1.0",
+}
+CAUGHT = {  # (code, kind)
+    "module attribute through an alias": ("t = torch.testing\nt.assert_close = print", "tampering"),
+    "setattr": ("setattr(torch.testing, 'assert_close', print)", "tampering"),
+    "a class built by type()": ("X = type('X', (int,), {'__eq__': lambda s, o: True})", "tampering"),
+    "a private module": ("from torch import _C", "tampering"),
+    "builtins through a dunder": ("b = __builtins__", "tampering"),
+    "a module's namespace": ("vars(torch.testing)['assert_close'] = print", "tampering"),
+    "a shell command": ("!touch gradebook.db", "tampering"),
+    "rebinding the set-up's torch": ("import numpy as torch", "tampering"),
+    "rebinding a built-in for everyone": ("isinstance = lambda *args: True", "tampering"),
+    "exec of a string": ("exec('x = 1')", "tampering"),
+    "a shell command inside an assignment": ("files = !ls", "tampering"),
+    "top-level await around the kernel": ("await something()\nget_ipython().ast_transformers.clear()", "tampering"),
+    "the course's helpers": ("def snr(a):\n    import helpers\n    return helpers.schedules.snr(a)", "delegation"),
+    "diffusers": ("from diffusers import DDPMScheduler", "delegation"),
+    "a test's reference inside an answer": ("def cosine_betas(T):\n    return f(T)", "delegation"),
+}
+
+
+@pytest.mark.parametrize("case", list(HONEST))
+def test_honest_code_is_not_flagged(case):
+    ctx = integrity.Context.from_source(source_nb("schedule_math"))
+    assert integrity.check_cell("added", HONEST[case], ctx) == []
+
+
+@pytest.mark.parametrize("case", list(CAUGHT))
+def test_obfuscated_tampering_and_delegation_are_caught(case):
+    code, kind = CAUGHT[case]
+    ctx = integrity.Context.from_source(source_nb("schedule_math"))
+    assert kind in {f.kind for f in integrity.check_cell("added", code, ctx)}
+
+
+def test_feedback_hides_hidden_tests(graded):
+    """Feedback shows no hidden test line, and a failed test shows its message, not a traceback."""
+    name = "schedule_math"
+    course = graded(name)
+    result = nbgrader(course, "generate_feedback", name, "--student=release", "--force")
+    assert result.returncode == 0, result.stdout
+    page = (course / "feedback" / "release" / name / f"{name}.html").read_text()
+    text = html.unescape(re.sub(r"<[^>]+>", "", page))  # what a reader sees: no tags, no escapes
+    assert "hidden tests, not shown" in text
+    visible = [line.strip() for line in cell(source_nb(name), "test_q_sample").source.splitlines()[:3]]
+    assert all(line in text for line in visible), "the check cannot see the feedback's code"
+    hidden = [line for c in source_nb(name).cells for line in block(c.source, "HIDDEN TESTS") if len(line) > 30]
+    assert hidden and not any(line in text for line in hidden)
