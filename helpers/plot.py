@@ -15,6 +15,8 @@ import torch
 from matplotlib import animation
 
 __all__ = [
+    "clip_player",
+    "frames_figure",
     "image_grid",
     "tile",
     "plot_schedules",
@@ -197,3 +199,37 @@ def timestep_slider(x0: torch.Tensor, alpha_bar: torch.Tensor, seed: int = 0) ->
         plt.close(fig)
 
     return widgets.interact(show, t=widgets.IntSlider(min=0, max=T - 1, step=1, value=0, continuous_update=False))
+
+
+def frames_figure(rows: dict[str, torch.Tensor], title: str = ""):
+    """A static figure of clips, one row of frames per clip: ``rows`` maps a label to ``(F, 3, H, W)``."""
+    if not rows or any(v.ndim != 4 for v in rows.values()):
+        raise ValueError("rows must map labels to clips (F, C, H, W)")
+    n_frames = max(v.shape[0] for v in rows.values())
+    fig, axes = plt.subplots(len(rows), n_frames, figsize=(1.1 * n_frames, 1.15 * len(rows) + 0.4), squeeze=False)
+    for r, (label, frames) in enumerate(rows.items()):
+        for f, ax in enumerate(axes[r]):
+            if f < len(frames):
+                ax.imshow(to_display(frames[f])[0], interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if f == 0:
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+            if r == 0:
+                ax.set_title(f"frame {f}", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def clip_player(videos: torch.Tensor, title: str, ncol: int | None = None, interval: int = 250) -> str:
+    """Clips ``(N, F, 3, H, W)`` tiled side by side (rows of ``ncol``) and played frame by frame.
+
+    Returns the HTML of :func:`player`; display it with ``IPython.display.HTML``.
+    """
+    if videos.ndim != 5:
+        raise ValueError(f"videos must be clips (N, F, C, H, W); got {tuple(videos.shape)}")
+    ncol = ncol or len(videos)
+    frames = torch.stack([tile(videos[:, f], ncol=ncol) for f in range(videos.shape[1])])
+    rows = -(-len(videos) // ncol)
+    return player(frames, [f"{title}: frame {f}" for f in range(len(frames))], interval=interval,
+                  scale=1.2 * (ncol * rows) ** 0.5 + 1.5)

@@ -23,6 +23,8 @@ __all__ = [
     "clip_embeddings",
     "clip_loss",
     "clip_score",
+    "VIDEO_WORDS",
+    "add_words",
     "encode_prompts",
     "retrieve",
     "shapes_tokenizer",
@@ -35,16 +37,22 @@ _CAPTION_WORDS = ["a", "on", "the", "at", "in", *SIZES, *COLOURS, *SHAPES, *POSI
 _SPARE_WORDS = ["striped", "orange", "pink", "dotted", "photo", "of", "and", "big"]
 VOCAB = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *_CAPTION_WORDS, *_SPARE_WORDS])}
 MAX_LENGTH = 12  # <bos> + the longest caption (7 words) + <eos>, with room to spare
+VIDEO_WORDS = ("moving", "bouncing", "changing", "from", "to")  # the clips' captions (chapter 9.2)
 
 
-def shapes_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
+def shapes_tokenizer(max_length: int = MAX_LENGTH, extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over :data:`VOCAB`: ``"a red circle"`` -> ``<bos> a red circle <eos> <pad>...``.
 
     Called like CLIP's tokenizer in a diffusers pipeline:
     ``tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True)``.
-    Unknown words become ``<unk>``; case and punctuation are ignored.
+    Unknown words become ``<unk>``; case and punctuation are ignored. ``extra_words`` get the
+    ids after :data:`VOCAB`'s, so every word already known keeps its id (see :func:`add_words`).
     """
-    core = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<unk>"))
+    extra = [w.lower() for w in extra_words]
+    if len(set(extra)) != len(extra) or any(not w.isalpha() or w in VOCAB for w in extra):
+        raise ValueError(f"extra_words must be distinct alphabetic words not in VOCAB; got {extra_words!r}")
+    vocab = {**VOCAB, **{w: len(VOCAB) + i for i, w in enumerate(extra)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(",", " ")])
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(
@@ -75,6 +83,30 @@ def tiny_clip(hidden_size: int = 64, layers: int = 2, heads: int = 4, image_size
                   num_attention_heads=heads, image_size=image_size, patch_size=patch_size, num_channels=3,
                   projection_dim=projection_dim)
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
+
+
+@torch.no_grad()
+def add_words(text_encoder, words: tuple[str, ...] = VIDEO_WORDS, seed: int = 0):
+    """Teach a frozen text encoder new words, the way textual inversion adds a token.
+
+    Returns ``(tokenizer, text_encoder)``: a tokenizer with ``words`` after :data:`VOCAB`, and
+    the encoder with its token-embedding table grown by as many rows
+    (``resize_token_embeddings``). The new rows are drawn from ``N(0, s^2)``, ``s`` the standard
+    deviation of the trained rows, with ``seed``: each new word gets its own state, where it
+    was ``<unk>`` before, and a model that reads the states learns what the words mean. Every
+    old word keeps its id and its row, so old prompts encode exactly as before.
+    """
+    tokenizer = shapes_tokenizer(extra_words=tuple(words))
+    table = text_encoder.get_input_embeddings().weight
+    if table.shape[0] != len(VOCAB):
+        raise ValueError(f"text_encoder must have the {len(VOCAB)}-word vocabulary of shapes_tokenizer(); "
+                         f"its embedding table has {table.shape[0]} rows")
+    std = table.std().item()
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    new = text_encoder.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(seed)
+    new[len(VOCAB):] = (torch.randn(len(words), new.shape[1], generator=g) * std).to(new)
+    return tokenizer, text_encoder
 
 
 def _ids(tokenizer, prompts: list[str] | str, device) -> torch.Tensor:

@@ -8,12 +8,19 @@ A clip is a tensor ``(B, F, C, H, W)``: F frames of images in ``[-1, 1]`` (what
   (the "temporal" half of factorised space-time attention, as in ``TransformerTemporalModel``).
 * :func:`spacetime_tokens` and :func:`attention_pairs` are the cost arithmetic of Sora-style
   spacetime patches and of full vs factorised attention.
-* :func:`frame_change`, :func:`centroids` and :func:`colour_spread` measure temporal
-  consistency and motion of clips of one coloured shape on a black background.
+* :func:`frame_change`, :func:`centroids`, :func:`colour_spread`, :func:`motion` and
+  :func:`kept_appearance` measure temporal consistency and motion of clips of one coloured
+  shape on a black background.
 * :func:`video_unet` builds a tiny ``UNet3DConditionModel``; :func:`inflate_unet` builds one
   from a trained image ``UNet2DConditionModel`` (its spatial weights copied, its temporal
   layers starting as the identity); :func:`sample_clips` samples it with a diffusers
   scheduler and classifier-free guidance.
+* :func:`frame_unet`, :func:`frame_pairs`, :func:`frame_objective` and :func:`sample_frames`
+  are a frame-conditional video model (MCVD's recipe, Voleti et al. 2022): an image U-Net that
+  sees the previous frame as extra input channels, trained on (previous frame, frame) pairs
+  with the previous frame masked out for first frames, and sampled frame after frame; given a
+  first frame it animates it (image-to-video), given none it starts from the caption
+  (text-to-video).
 """
 
 from __future__ import annotations
@@ -22,17 +29,26 @@ import math
 
 import torch
 
-from helpers.diffusion import classifier_free_guidance
+from helpers.core import append_dims
+from helpers.diffusion import classifier_free_guidance, diffusion_loss, q_sample
 
 __all__ = [
     "attention_pairs",
     "centroids",
+    "colour_names",
     "colour_spread",
     "frame_change",
+    "frame_context",
+    "frame_objective",
+    "frame_pairs",
+    "frame_unet",
     "from_frame_tokens",
     "from_unet",
     "inflate_unet",
+    "kept_appearance",
+    "motion",
     "sample_clips",
+    "sample_frames",
     "spacetime_tokens",
     "temporal_attention",
     "to_frame_tokens",
@@ -202,6 +218,64 @@ def colour_spread(videos: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     return var.sqrt().mean(-1)
 
 
+def motion(videos: torch.Tensor, threshold: float = 0.0) -> dict[str, torch.Tensor]:
+    """The motion of each clip's shape, from its centre-of-mass path (:func:`centroids`).
+
+    * ``direction``: ``(B, 2)``, the unit vector from the first frame's centre to the last
+      frame's (x right, y down; zero when the shape ends where it began);
+    * ``speed``: ``(B,)``, the mean distance the centre moves per frame, in pixels;
+    * ``max_step``: ``(B,)``, the largest distance it moves between two consecutive frames
+      (a shape that jumps instead of moving has a large one).
+
+    A clip in which some frame has no foreground gives NaN in all three: its shape was lost.
+    """
+    c = centroids(videos, threshold)  # (B, F, 2)
+    if c.shape[1] < 2:
+        raise ValueError(f"videos need at least 2 frames; got {c.shape[1]}")
+    steps = (c[:, 1:] - c[:, :-1]).norm(dim=-1)  # (B, F - 1)
+    return {"direction": torch.nn.functional.normalize(c[:, -1] - c[:, 0], dim=-1),
+            "speed": steps.mean(1), "max_step": steps.amax(1)}
+
+
+def colour_names(videos: torch.Tensor, palette: dict[str, tuple[float, float, float]] | None = None,
+                 threshold: float = 0.0) -> torch.Tensor:
+    """The colour each frame's shape is judged to have, ``(B, F)`` indices into ``palette``.
+
+    The mean colour of the frame's foreground, named by the nearest palette colour (Euclidean,
+    in RGB). ``palette`` maps names to RGB in ``[0, 1]``; by default the course's
+    :data:`helpers.data.COLOURS`. A frame with no foreground gets -1.
+    """
+    from helpers.data import COLOURS
+
+    _check_clips(videos)
+    palette = COLOURS if palette is None else palette
+    rgb = torch.tensor(list(palette.values()), dtype=videos.dtype, device=videos.device) * 2 - 1  # (K, 3)
+    mask = _foreground(videos, threshold)[:, :, None]  # (B, F, 1, H, W)
+    area = mask.sum((-1, -2))  # (B, F, 1)
+    colour = (videos * mask).sum((-1, -2)) / area.clamp(min=1)  # (B, F, C)
+    names = ((colour[:, :, None] - rgb) ** 2).sum(-1).argmin(-1)  # (B, F)
+    return torch.where(area[..., 0] > 0, names, torch.full_like(names, -1))
+
+
+def kept_appearance(videos: torch.Tensor, area_tolerance: float = 0.35,
+                    palette: dict[str, tuple[float, float, float]] | None = None, threshold: float = 0.0) -> torch.Tensor:
+    """Whether each clip's shape keeps its colour and size in every frame, ``(B,)`` bool.
+
+    Kept means: every frame has a foreground (:func:`centroids`' mask) whose colour is named
+    the same as frame 0's (:func:`colour_names`), and whose area is within ``area_tolerance``
+    (a fraction) of the clip's median area. A shape that fades away, shrinks, grows or turns
+    another colour fails; so does a clip that is meant to change colour.
+    """
+    _check_clips(videos)
+    if not 0 < area_tolerance < 1:
+        raise ValueError(f"area_tolerance must lie in (0, 1); got {area_tolerance!r}")
+    names = colour_names(videos, palette, threshold)  # (B, F)
+    area = _foreground(videos, threshold).sum((-1, -2))  # (B, F)
+    median = area.median(1, keepdim=True).values
+    size_ok = ((area - median).abs() <= area_tolerance * median) & (area > 0)
+    return ((names == names[:, :1]) & (names >= 0) & size_ok).all(1)
+
+
 # --- the model and its sampler --------------------------------------------------------------
 
 
@@ -251,8 +325,10 @@ def inflate_unet(unet2d):
     of every new temporal layer starts at zero (diffusers already zeroes the last temporal
     convolution; we zero the temporal transformers' ``proj_out``), so each temporal block is
     the identity and the untrained video U-Net denoises every frame on its own, as the image
-    model does. What is *not* carried over: an ``addition_embed_type`` (e.g. the pooled text
-    added to the time embedding), which the 3-D class lacks. Returns ``(unet3d, copied)``,
+    model does. The 3-D class has no ``addition_embed_type``; an image U-Net's ``"text"`` one
+    (the pooled text added to the time embedding, as chapter 5's) is carried over as an
+    ``add_embedding`` module and two hooks that add it to the 3-D U-Net's time embedding, so
+    that the video U-Net reads everything the image U-Net reads. Returns ``(unet3d, copied)``,
     ``copied`` being the names of the weights taken from the image model.
     """
     from diffusers import UNet3DConditionModel
@@ -262,6 +338,8 @@ def inflate_unet(unet2d):
              "UpBlock2D": "UpBlock3D", "CrossAttnUpBlock2D": "CrossAttnUpBlock3D"}
     if any(b not in kinds for b in (*c.down_block_types, *c.up_block_types)):
         raise ValueError(f"unet2d must use only {sorted(kinds)} blocks; got {c.down_block_types}, {c.up_block_types}")
+    if c.addition_embed_type not in (None, "text"):
+        raise ValueError(f"unet2d's addition_embed_type must be None or 'text'; got {c.addition_embed_type!r}")
     if not isinstance(c.layers_per_block, int) or c.num_attention_heads is not None:
         raise ValueError("unet2d must have one int layers_per_block and set heads via attention_head_dim")
     # diffusers' naming knot: the 2-D U-Net reads ``attention_head_dim`` as the number of heads
@@ -280,6 +358,12 @@ def inflate_unet(unet2d):
         layers_per_block=c.layers_per_block, cross_attention_dim=c.cross_attention_dim,
         attention_head_dim=head_dim, norm_num_groups=c.norm_num_groups, norm_eps=c.norm_eps,
     )
+    if c.addition_embed_type == "text":
+        import copy
+
+        unet3d.add_embedding = copy.deepcopy(unet2d.add_embedding)
+        unet3d.register_forward_pre_hook(_pooled_text_pre_hook, with_kwargs=True)
+        unet3d.time_embedding.register_forward_hook(_add_pooled_text_hook)
     target = unet3d.state_dict()
     copied = {k: v.reshape(target[k].shape) for k, v in unet2d.state_dict().items()
               if k in target and v.numel() == target[k].numel()}
@@ -289,6 +373,18 @@ def inflate_unet(unet2d):
             torch.nn.init.zeros_(module.proj_out.weight)
             torch.nn.init.zeros_(module.proj_out.bias)
     return unet3d, sorted(copied)
+
+
+def _pooled_text_pre_hook(unet3d, args, kwargs):
+    # Before the 3-D U-Net runs: embed its text states as the image U-Net's TextTimeEmbedding does.
+    states = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+    unet3d.time_embedding.pooled_text = unet3d.add_embedding(states)  # (B, time_embed_dim)
+
+
+def _add_pooled_text_hook(time_embedding, inputs, output):
+    # The time embedding of each clip, plus its pooled text: emb + aug_emb, as in UNet2DConditionModel.
+    pooled, time_embedding.pooled_text = time_embedding.pooled_text, None
+    return output + pooled.to(output.dtype)
 
 
 @torch.no_grad()
@@ -327,3 +423,157 @@ def sample_clips(
             out = classifier_free_guidance(uncond, text, guidance_scale)
         x = scheduler.step(out, t, x).prev_sample
     return x
+
+
+# --- a frame-conditional video model (MCVD) ---------------------------------------------------
+
+CONTEXT_CHANNELS = 2  # beyond the previous frame's channels: a "seen" mask and the frame index
+
+
+def frame_context(previous: torch.Tensor | None, frame: torch.Tensor, frames: int, like: torch.Tensor,
+                  first: torch.Tensor | None = None, anchored: bool = False) -> torch.Tensor:
+    """The extra input channels of :func:`frame_unet` for frames ``frame`` (``(B,)`` ints) of ``frames``.
+
+    ``(B, C + 2, H, W)``: the previous frame's latents ``previous`` ``(B, C, H, W)``, zeroed for
+    frame 0 (which has none; ``previous`` may then be ``None``); a mask channel, 1 where a
+    previous frame is seen; and the constant ``frame / (frames - 1)``, so that the model knows
+    how far into the clip it is. ``like`` gives the shape ``(B, C, H, W)``, dtype and device.
+    ``anchored`` adds the clip's first frame ``first`` after the previous one (``(B, 2C + 2, H,
+    W)``, zeroed for frame 0 too): a fixed reference for the shape's appearance.
+    """
+    if frame.ndim != 1 or len(frame) != len(like) or frames < 2:
+        raise ValueError(f"frame must be (B,) = ({len(like)},) frame indices and frames >= 2; "
+                         f"got {tuple(frame.shape)}, frames={frames}")
+    if bool(((frame < 0) | (frame >= frames)).any()):
+        raise ValueError(f"frame indices must lie in [0, {frames}); got {frame.tolist()}")
+    B, _, H, W = like.shape
+    seen = append_dims((frame > 0).to(like.dtype), 4)  # (B, 1, 1, 1)
+    seen_frames = [previous] + ([first] if anchored else [])
+    seen_frames = [torch.zeros_like(like) if x is None else x.to(like) * seen for x in seen_frames]
+    position = append_dims(frame.to(like.dtype) / (frames - 1), 4)
+    return torch.cat([*seen_frames, seen.expand(B, 1, H, W), position.expand(B, 1, H, W)], 1)
+
+
+def frame_unet(unet2d, anchored: bool = False):
+    """An image ``UNet2DConditionModel`` that also reads :func:`frame_context`: MCVD's conditioning.
+
+    A copy of ``unet2d`` whose input convolution takes ``2 C + 2`` channels: the noisy frame
+    (C), the previous frame (C), the mask and the frame index (``3 C + 2`` if ``anchored``:
+    the first frame too). The weights of the new input
+    channels start at zero, so before training the model *is* the image model, whatever the
+    context (as SD's inpainting and InstructPix2Pix start theirs).
+    """
+    import copy
+
+    unet = copy.deepcopy(unet2d)
+    old = unet.conv_in
+    C = old.in_channels
+    new = torch.nn.Conv2d((3 if anchored else 2) * C + CONTEXT_CHANNELS, old.out_channels, old.kernel_size, padding=old.padding,
+                          dtype=old.weight.dtype, device=old.weight.device)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :C] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=new.in_channels)
+    return unet
+
+
+def frame_pairs(latents: torch.Tensor, states: torch.Tensor, anchored: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (frame, context, caption) of latent clips, as training data for :func:`frame_objective`.
+
+    ``latents`` ``(N, F, C, H, W)``, ``states`` ``(N, L, D)``. Returns ``(frames, states,
+    context)`` with ``N F`` rows: frame f of each clip, its clip's text states, and its
+    :func:`frame_context` (frame f - 1, and frame 0 if ``anchored``; for f = 0 none, so the
+    model also learns first frames from the caption alone).
+    """
+    _check_clips(latents, "latents")
+    N, F = latents.shape[:2]
+    if states.ndim != 3 or len(states) != N:
+        raise ValueError(f"states must be (N, L, D) with N={N}; got {tuple(states.shape)}")
+    frame = torch.arange(F, device=latents.device).repeat(N)  # (N*F,)
+    x0 = latents.flatten(0, 1)
+    previous = torch.roll(latents, 1, dims=1).flatten(0, 1)  # frame f - 1 (frame 0's is masked out)
+    first = latents[:, :1].expand_as(latents).flatten(0, 1)
+    return x0, states.repeat_interleave(F, 0), frame_context(previous, frame, F, x0, first, anchored)
+
+
+def frame_objective(alpha_bar: torch.Tensor, prediction_type: str, null_states: torch.Tensor,
+                    cond_dropout: float = 0.1, context_noise: float = 0.02):
+    """The diffusion loss of a :func:`frame_unet`, ``loss(model, (frames, states, context))``.
+
+    Chapter 2's loss on single frames, with the context concatenated to the noisy frame. The
+    caption is replaced by ``null_states`` with probability ``cond_dropout`` (for
+    classifier-free guidance over the text; the context stays), and the previous frame gets
+    Gaussian noise of standard deviation ``context_noise``, so that the model tolerates the
+    small errors of its own frames when it is sampled frame after frame.
+    """
+    if not 0 <= cond_dropout < 1 or context_noise < 0:
+        raise ValueError(f"cond_dropout must lie in [0, 1) and context_noise be >= 0; got {cond_dropout}, {context_noise}")
+    T = len(alpha_bar)
+
+    def loss(model, batch) -> torch.Tensor:
+        x0, states, context = batch
+        ab = alpha_bar.to(x0.device)
+        k = context.shape[1] - CONTEXT_CHANNELS  # the channels of the seen frames
+        drop = torch.rand(len(x0), device=x0.device) < cond_dropout
+        states = torch.where(append_dims(drop, 3), null_states.to(states).expand_as(states), states)
+        seen = context[:, k:k + 1]
+        frames = context[:, :k] + context_noise * torch.randn_like(context[:, :k]) * seen
+        context = torch.cat([frames, context[:, k:]], 1)
+        t = torch.randint(0, T, (len(x0),), device=x0.device)
+        eps = torch.randn_like(x0)
+        out = model(torch.cat([q_sample(x0, t, eps, ab), context], 1), t, encoder_hidden_states=states).sample
+        return diffusion_loss(out, x0, eps, append_dims(ab[t], 4), prediction_type)
+
+    return loss
+
+
+@torch.no_grad()
+def sample_frames(
+    unet,
+    scheduler,
+    states: torch.Tensor,
+    null_states: torch.Tensor | None = None,
+    first: torch.Tensor | None = None,
+    frames: int = 8,
+    guidance_scale: float = 1.0,
+    num_inference_steps: int = 20,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Latent clips ``(B, F, C, H, W)`` from a :func:`frame_unet`, one frame after another.
+
+    Each frame is a full reverse diffusion with ``scheduler`` (and classifier-free guidance
+    over the text states, the context shared by both halves), conditioned on the frame
+    sampled before it. ``first`` ``(B, C, H, W)`` is the given first frame (image-to-video);
+    without it, frame 0 is sampled from the caption too (text-to-video).
+    """
+    if states.ndim != 3:
+        raise ValueError(f"states must be (B, L, D); got {tuple(states.shape)}")
+    if guidance_scale != 1 and null_states is None:
+        raise ValueError("guidance_scale != 1 needs null_states")
+    device, B = states.device, len(states)
+    C, size = unet.config.out_channels, unet.config.sample_size
+    anchored = unet.config.in_channels == 3 * C + CONTEXT_CHANNELS
+    if first is not None and first.shape != (B, C, size, size):
+        raise ValueError(f"first must be (B, C, H, W) = {(B, C, size, size)}; got {tuple(first.shape)}")
+    clip = [first.to(device)] if first is not None else []
+    guided = guidance_scale != 1
+    cond = torch.cat([null_states.expand_as(states), states]) if guided else states
+    while len(clip) < frames:
+        f = torch.full((B,), len(clip), device=device)
+        like = torch.empty(B, C, size, size, device=device)
+        context = frame_context(clip[-1] if clip else None, f, frames, like, clip[0] if clip else None, anchored)
+        x = torch.randn((B, C, size, size), generator=generator).to(device) * scheduler.init_noise_sigma
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            ctx = torch.cat([context, context]) if guided else context
+            out = unet(torch.cat([x_in, ctx], 1), t, encoder_hidden_states=cond).sample
+            if guided:
+                uncond, text = out.chunk(2)
+                out = classifier_free_guidance(uncond, text, guidance_scale)
+            x = scheduler.step(out, t, x).prev_sample
+        clip.append(x)
+    return torch.stack(clip, 1)

@@ -161,3 +161,30 @@ def test_retrieve_returns_one_candidate_per_image():
     img, txt = text.clip_embeddings(clip, tok, images, candidates)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(5))
     assert txt.shape == (7, img.shape[1])
+
+
+def test_add_words_gives_new_words_their_own_tokens_and_leaves_old_prompts_unchanged():
+    torch.manual_seed(0)
+    encoder = text.tiny_clip().text_model.eval()
+    old = text.shapes_tokenizer()
+    still = data.all_captions()[:40] + [""]
+    before = text.encode_prompts(encoder, old, still)
+    moving = "a red circle moving to the right"
+    old_ids = old(moving).input_ids
+    tokenizer, encoder = text.add_words(encoder, seed=0)
+    assert len(tokenizer) == len(text.VOCAB) + len(text.VIDEO_WORDS)
+    assert encoder.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    torch.testing.assert_close(text.encode_prompts(encoder, tokenizer, still), before, atol=0, rtol=0)
+    ids = tokenizer(moving).input_ids
+    assert text.VOCAB["<unk>"] in old_ids and text.VOCAB["<unk>"] not in ids
+    assert tokenizer.convert_ids_to_tokens(ids)[4:6] == ["moving", "to"]
+    assert all(tokenizer(w).input_ids[1] == len(text.VOCAB) + i for i, w in enumerate(text.VIDEO_WORDS))
+    # Captions that differ only in the motion word now encode differently.
+    a, b = text.encode_prompts(encoder, tokenizer, ["a red circle bouncing", "a red circle moving"])
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="vocabulary"):
+        text.add_words(encoder)  # already grown
+    with pytest.raises(ValueError, match="extra_words"):
+        text.shapes_tokenizer(extra_words=("red",))
+    with pytest.raises(ValueError, match="extra_words"):
+        text.shapes_tokenizer(extra_words=("moving", "moving"))

@@ -220,17 +220,177 @@ def test_inflated_unet_at_init_is_the_image_unet_frame_by_frame():
 
     torch.manual_seed(0)
     unet2d = models.shapes_unet(widths=(32, 64)).eval()
-    with torch.no_grad():  # the 3-D class has no pooled-text embedding: switch it off in the 2-D one
-        unet2d.add_embedding.norm2.weight.zero_()
-        unet2d.add_embedding.norm2.bias.zero_()
+    assert unet2d.config.addition_embed_type == "text"  # the pooled text is carried over too
     unet3d, copied = video.inflate_unet(unet2d)
     unet3d.eval()
-    assert set(copied) >= {k for k in unet2d.state_dict() if not k.startswith("add_embedding")}
+    assert set(copied) >= set(unet2d.state_dict())
     x, states, t = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 12, 64), torch.tensor([50, 900])
     with torch.no_grad():
         joint = unet3d(x, t, encoder_hidden_states=states).sample  # (B, C, F, H, W)
         per_frame = unet2d(x.transpose(1, 2).flatten(0, 1), t.repeat_interleave(3),
                            encoder_hidden_states=states.repeat_interleave(3, 0)).sample  # (B*F, C, H, W)
     torch.testing.assert_close(joint, per_frame.reshape(2, 3, 4, 8, 8).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    # The pooled text matters: other states change every frame's output, and a copy (an EMA) keeps it.
+    import copy
+
+    twin = copy.deepcopy(unet3d)
+    with torch.no_grad():
+        other = unet3d(x, t, encoder_hidden_states=states.flip(0)).sample
+        torch.testing.assert_close(twin(x, t, encoder_hidden_states=states).sample, joint)
+        twin.add_embedding.norm2.bias.add_(1.0)  # the copy's own embedding is the one it uses
+        moved = twin(x, t, encoder_hidden_states=states).sample
+    assert (other - joint).abs().amax() > 1e-3 and (moved - joint).abs().amax() > 1e-3
     with pytest.raises(ValueError, match="unet2d"):
         video.inflate_unet(models.digits_unet())
+
+
+# --- motion metrics ---------------------------------------------------------------------------
+
+
+def test_motion_recovers_the_direction_and_speed_of_real_clips(clips):
+    m = video.motion(clips.videos)
+    straight = clips.motion < 4
+    asked = torch.nn.functional.normalize(clips.velocity[straight], dim=-1)
+    assert ((m["direction"][straight] * asked).sum(-1) > 0.999).all()
+    # A straight clip moves speed * size pixels per frame; rasterising the shape moves its centroid by
+    # a fraction of a pixel around that.
+    torch.testing.assert_close(m["speed"][straight], clips.velocity[straight].norm(dim=-1), atol=0.2, rtol=0)
+    still = clips.motion == MOTIONS.index("colour")
+    assert (m["speed"][still] < 1e-4).all() and (m["direction"][still].norm(dim=-1) < 1e-4).all()
+    assert (m["max_step"] >= m["speed"] - 1e-6).all()
+    torch.testing.assert_close(m["max_step"][straight], m["speed"][straight], atol=0.5, rtol=0)
+    lost = clips.videos[:2].clone()
+    lost[0, 3] = -1.0  # a frame with no shape
+    assert torch.isnan(video.motion(lost)["speed"][0]) and not torch.isnan(video.motion(lost)["speed"][1])
+    with pytest.raises(ValueError, match="videos"):
+        video.motion(clips.videos[0])
+
+
+def test_kept_appearance_passes_real_clips_and_fails_fading_shrinking_or_recoloured_ones(clips):
+    kept = video.kept_appearance(clips.videos)
+    changes = clips.motion == MOTIONS.index("colour")
+    assert kept[~changes].all() and not kept[changes].any()
+    i = int(torch.nonzero(~changes)[0])
+    faded, shrunk, blank = (clips.videos[i:i + 1].clone() for _ in range(3))
+    faded[0, 5] = torch.where(faded[0, 5] > -1, faded[0, 5] * 0.2 - 0.6, faded[0, 5])  # faded into the background
+    shrunk[0, 6] = torch.where(clips.masks[i, 6].bool() & (torch.rand(32, 32, generator=torch.Generator().manual_seed(0)) < 0.6),
+                               -1.0, shrunk[0, 6])  # 60 % of its pixels gone
+    blank[0, 2] = -1.0
+    for clip in (faded, shrunk, blank):
+        assert not video.kept_appearance(clip).item()
+    recoloured = clips.videos[i:i + 1].clone()
+    recoloured[0, 4] = torch.where(clips.masks[i, 4].bool(), -recoloured[0, 4].flip(0), -1.0)  # another colour
+    assert not video.kept_appearance(recoloured).item()
+    with pytest.raises(ValueError, match="area_tolerance"):
+        video.kept_appearance(clips.videos, area_tolerance=1.5)
+
+
+def test_colour_names_read_the_colour_each_real_frame_was_drawn_in(clips):
+    names = video.colour_names(clips.videos)
+    assert names.shape == clips.videos.shape[:2]
+    keeps = clips.motion != MOTIONS.index("colour")
+    assert torch.equal(names[keeps], clips.colour[keeps, None].expand(-1, clips.videos.shape[1]))
+    changes = ~keeps
+    assert torch.equal(names[changes, 0], clips.colour[changes]) and torch.equal(names[changes, -1], clips.colour_end[changes])
+    blank = clips.videos[:1].clone()
+    blank[0, 1] = -1.0
+    assert video.colour_names(blank)[0, 1] == -1
+
+
+# --- the frame-conditional model ----------------------------------------------------------------
+
+
+def test_frame_context_masks_the_first_frame_and_encodes_the_index():
+    prev, like = torch.randn(3, 4, 8, 8), torch.zeros(3, 4, 8, 8)
+    ctx = video.frame_context(prev, torch.tensor([0, 1, 7]), 8, like)
+    assert ctx.shape == (3, 4 + video.CONTEXT_CHANNELS, 8, 8)
+    assert (ctx[0, :4] == 0).all() and torch.equal(ctx[1:, :4], prev[1:])
+    assert torch.equal(ctx[:, 4, 0, 0], torch.tensor([0.0, 1.0, 1.0]))
+    torch.testing.assert_close(ctx[:, 5, 3, 3], torch.tensor([0.0, 1 / 7, 1.0]))
+    assert torch.equal(video.frame_context(None, torch.tensor([0, 0, 0]), 8, like)[:, :5], torch.zeros(3, 5, 8, 8))
+    with pytest.raises(ValueError, match="frame"):
+        video.frame_context(prev, torch.tensor([0, 1, 8]), 8, like)
+    with pytest.raises(ValueError, match="frame"):
+        video.frame_context(prev, torch.tensor([0, 1]), 8, like)
+
+
+def test_frame_pairs_pair_each_frame_with_the_one_before():
+    latents, states = torch.randn(3, 5, 4, 8, 8), torch.randn(3, 12, 64)
+    x0, st, ctx = video.frame_pairs(latents, states)
+    assert x0.shape == (15, 4, 8, 8) and st.shape == (15, 12, 64) and ctx.shape == (15, 6, 8, 8)
+    for n in range(3):
+        for f in range(5):
+            row = n * 5 + f
+            assert torch.equal(x0[row], latents[n, f]) and torch.equal(st[row], states[n])
+            assert torch.equal(ctx[row, :4], latents[n, f - 1] if f else torch.zeros(4, 8, 8))
+            assert ctx[row, 4, 0, 0] == (f > 0)
+    with pytest.raises(ValueError, match="states"):
+        video.frame_pairs(latents, states[:2])
+
+
+def _tiny_frame_unet():
+    from helpers import models
+
+    torch.manual_seed(0)
+    unet2d = models.shapes_unet(widths=(16, 32), head_dim=8).eval()
+    return unet2d, video.frame_unet(unet2d).eval()
+
+
+def test_frame_unet_at_init_is_the_image_unet_whatever_the_context():
+    unet2d, unet = _tiny_frame_unet()
+    assert unet.config.in_channels == 4 + 4 + video.CONTEXT_CHANNELS and unet2d.config.in_channels == 4
+    x, states, t = torch.randn(3, 4, 8, 8), torch.randn(3, 12, 64), torch.tensor([10, 400, 990])
+    with torch.no_grad():
+        plain = unet2d(x, t, encoder_hidden_states=states).sample
+        for context in (torch.zeros(3, 6, 8, 8), 5 * torch.randn(3, 6, 8, 8)):
+            out = unet(torch.cat([x, context], 1), t, encoder_hidden_states=states).sample
+            torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
+    assert unet2d.conv_in.weight.shape[1] == 4  # the image model itself is untouched
+
+
+def test_frame_objective_trains_the_context_channels_and_its_loss_falls():
+    import helpers
+    from helpers import training
+
+    _, unet = _tiny_frame_unet()
+    clips = make_clips(24, frames=4, size=32, seed=0)
+    latents = torch.nn.functional.avg_pool2d(clips.videos.flatten(0, 1), 4).reshape(24, 4, 3, 8, 8)
+    latents = torch.cat([latents, latents[:, :, :1]], 2)  # 4 channels: pooled pixels stand in for latents
+    data = video.frame_pairs(latents, torch.zeros(24, 12, 64))
+    objective = video.frame_objective(helpers.get_schedule("scaled_linear").alpha_bar, "v_prediction",
+                                      torch.zeros(12, 64))
+    before = unet.conv_in.weight[:, 4:].detach().clone()
+    result = training.train(unet.train(), data, objective, steps=60, batch_size=16, lr=2e-3, warmup_steps=5,
+                            ema_decay=None, progress=False)
+    assert sum(result.losses[-10:]) / 10 < 0.7 * sum(result.losses[:5]) / 5
+    assert (result.model.conv_in.weight[:, 4:] - before).abs().max() > 0  # the model learned to read the context
+    with pytest.raises(ValueError, match="cond_dropout"):
+        video.frame_objective(torch.ones(10), "epsilon", torch.zeros(12, 64), cond_dropout=1.0)
+
+
+def test_sample_frames_keeps_the_given_first_frame_and_conditions_on_the_last():
+    from diffusers import DDIMScheduler
+
+    _, unet = _tiny_frame_unet()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    states, null = torch.randn(2, 12, 64), torch.zeros(12, 64)
+    first = torch.randn(2, 4, 8, 8)
+    out = video.sample_frames(unet, scheduler, states, null, first=first, frames=3, guidance_scale=2.0,
+                              num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 4, 8, 8) and torch.equal(out[:, 0], first)
+    again = video.sample_frames(unet, scheduler, states, null, first=first, frames=3, guidance_scale=2.0,
+                                num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    # Make the model depend on the context: then a different first frame changes every later frame.
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:8].normal_()
+    a = video.sample_frames(unet, scheduler, states, first=first, frames=3, num_inference_steps=3,
+                            generator=torch.Generator().manual_seed(0))
+    b = video.sample_frames(unet, scheduler, states, first=first + 1, frames=3, num_inference_steps=3,
+                            generator=torch.Generator().manual_seed(0))
+    assert (a[:, 1] - b[:, 1]).abs().max() > 1e-3
+    assert video.sample_frames(unet, scheduler, states, frames=2, num_inference_steps=2).shape == (2, 2, 4, 8, 8)
+    with pytest.raises(ValueError, match="first"):
+        video.sample_frames(unet, scheduler, states, first=first[:, :, :4], frames=3)
+    with pytest.raises(ValueError, match="null_states"):
+        video.sample_frames(unet, scheduler, states, guidance_scale=2.0)
