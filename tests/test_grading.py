@@ -309,6 +309,17 @@ VIDEO_PATCHES = Assignment(
         "attention_unscaled": (  # forgets 1 / sqrt(C)
             ("temporal_attention", " / math.sqrt(C)", ""),
             {"test_temporal_attention"}),
+        "speed_from_displacement": (  # the net displacement per step, not the path: right for straight lines only
+            ("centre_motion", "speed = (centre[:, 1:] - centre[:, :-1]).norm(dim=-1).mean(dim=1)",
+             "speed = (centre[:, -1] - centre[:, 0]).norm(dim=-1) / (F_ - 1)"),
+            {"test_centre_motion"}),
+        "y_grows_upwards": (  # counts rows from the bottom, as in a plot
+            ("centre_motion", "ys = torch.arange(H, dtype=video.dtype, device=video.device) + 0.5",
+             "ys = torch.arange(H, dtype=video.dtype, device=video.device).flip(0) + 0.5"),
+            {"test_centre_motion"}),
+        "foreground_by_mean": (  # a pixel is the shape when its mean channel is bright: a red shape vanishes
+            ("centre_motion", "video.amax(dim=2) > 0", "video.mean(dim=2) > 0"),
+            {"test_centre_motion"}),
     },
     gutted=("frame_wraps_around", "test_frame_difference"),
     deleted=("frames_not_divided", "test_spacetime_patch_count"),
@@ -415,7 +426,8 @@ BORROWED = {
                               "return out.reshape(B, H, W, F_, C).permute(0, 3, 4, 1, 2)",
         "attention_cost": "from helpers.video import attention_pairs\npairs = attention_pairs(frames, positions)\n"
                           "return pairs['full'], pairs['factorised']",
-    }, {"test_temporal_attention", "test_temporal_attention_is_local", "test_attention_cost"}),
+        "centre_motion": "from helpers import video as course\nm = course.motion(video)\nreturn m['direction'], m['speed']",
+    }, {"test_temporal_attention", "test_temporal_attention_is_local", "test_attention_cost", "test_centre_motion"}),
 }
 
 # A correct answer that makes torch print a warning while a test runs: it keeps its points.
