@@ -86,26 +86,32 @@ def tiny_clip(hidden_size: int = 64, layers: int = 2, heads: int = 4, image_size
 
 
 @torch.no_grad()
-def add_words(text_encoder, words: tuple[str, ...] = VIDEO_WORDS, seed: int = 0):
+def add_words(text_encoder, words: tuple[str, ...] = VIDEO_WORDS, seed: int = 0, noise: float = 0.3):
     """Teach a frozen text encoder new words, the way textual inversion adds a token.
 
     Returns ``(tokenizer, text_encoder)``: a tokenizer with ``words`` after :data:`VOCAB`, and
     the encoder with its token-embedding table grown by as many rows
-    (``resize_token_embeddings``). The new rows are drawn from ``N(0, s^2)``, ``s`` the standard
-    deviation of the trained rows, with ``seed``: each new word gets its own state, where it
-    was ``<unk>`` before, and a model that reads the states learns what the words mean. Every
-    old word keeps its id and its row, so old prompts encode exactly as before.
+    (``resize_token_embeddings``). Each new row starts, as textual inversion's new token does,
+    from an existing word's row: ``<unk>``'s, what the word was read as before, plus Gaussian
+    noise of ``noise`` times the rows' standard deviation (drawn with ``seed``). So each new
+    word gets its own state, close to the states the models downstream already know, and a
+    model that reads the states learns what the words mean. (Rows drawn from scratch put the
+    prompts' pooled text far from anything the image U-Net saw, and training the video model
+    on them then depended on the draw.) Every old word keeps its id and its row, so old prompts
+    encode exactly as before.
     """
     tokenizer = shapes_tokenizer(extra_words=tuple(words))
     table = text_encoder.get_input_embeddings().weight
     if table.shape[0] != len(VOCAB):
         raise ValueError(f"text_encoder must have the {len(VOCAB)}-word vocabulary of shapes_tokenizer(); "
                          f"its embedding table has {table.shape[0]} rows")
-    std = table.std().item()
+    if noise <= 0:
+        raise ValueError(f"noise must be positive (else the new words are all <unk>); got {noise!r}")
+    std, unk = table.std().item(), table[VOCAB["<unk>"]].clone()
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     new = text_encoder.get_input_embeddings().weight
     g = torch.Generator().manual_seed(seed)
-    new[len(VOCAB):] = (torch.randn(len(words), new.shape[1], generator=g) * std).to(new)
+    new[len(VOCAB):] = unk + (torch.randn(len(words), new.shape[1], generator=g) * noise * std).to(new)
     return tokenizer, text_encoder
 
 
