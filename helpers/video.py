@@ -183,6 +183,13 @@ def _foreground(videos: torch.Tensor, threshold: float) -> torch.Tensor:
     return (videos.amax(2) > threshold).float()  # (B, F, H, W)
 
 
+def _frame_colours(videos: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # The mean colour of each frame's foreground (B, F, C), and its area in pixels (B, F, 1).
+    mask = _foreground(videos, threshold)[:, :, None]  # (B, F, 1, H, W)
+    area = mask.sum((-1, -2))
+    return (videos * mask).sum((-1, -2)) / area.clamp(min=1), area
+
+
 def centroids(videos: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """The centre of mass (x, y) in pixels of each frame's foreground, ``(B, F, 2)``.
 
@@ -208,9 +215,7 @@ def colour_spread(videos: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     colour. Frames with no foreground are skipped.
     """
     _check_clips(videos)
-    mask = _foreground(videos, threshold)[:, :, None]  # (B, F, 1, H, W)
-    area = mask.sum((-1, -2))  # (B, F, 1)
-    colour = (videos * mask).sum((-1, -2)) / area.clamp(min=1)  # (B, F, C)
+    colour, area = _frame_colours(videos, threshold)  # (B, F, C), (B, F, 1)
     seen = (area > 0).float()  # (B, F, 1)
     n = seen.sum(1).clamp(min=2)  # (B, 1)
     mean = (colour * seen).sum(1) / n
@@ -250,9 +255,7 @@ def colour_names(videos: torch.Tensor, palette: dict[str, tuple[float, float, fl
     _check_clips(videos)
     palette = COLOURS if palette is None else palette
     rgb = torch.tensor(list(palette.values()), dtype=videos.dtype, device=videos.device) * 2 - 1  # (K, 3)
-    mask = _foreground(videos, threshold)[:, :, None]  # (B, F, 1, H, W)
-    area = mask.sum((-1, -2))  # (B, F, 1)
-    colour = (videos * mask).sum((-1, -2)) / area.clamp(min=1)  # (B, F, C)
+    colour, area = _frame_colours(videos, threshold)  # (B, F, C), (B, F, 1)
     names = ((colour[:, :, None] - rgb) ** 2).sum(-1).argmin(-1)  # (B, F)
     return torch.where(area[..., 0] > 0, names, torch.full_like(names, -1))
 
@@ -430,16 +433,13 @@ def sample_clips(
 CONTEXT_CHANNELS = 2  # beyond the previous frame's channels: a "seen" mask and the frame index
 
 
-def frame_context(previous: torch.Tensor | None, frame: torch.Tensor, frames: int, like: torch.Tensor,
-                  first: torch.Tensor | None = None, anchored: bool = False) -> torch.Tensor:
+def frame_context(previous: torch.Tensor | None, frame: torch.Tensor, frames: int, like: torch.Tensor) -> torch.Tensor:
     """The extra input channels of :func:`frame_unet` for frames ``frame`` (``(B,)`` ints) of ``frames``.
 
     ``(B, C + 2, H, W)``: the previous frame's latents ``previous`` ``(B, C, H, W)``, zeroed for
     frame 0 (which has none; ``previous`` may then be ``None``); a mask channel, 1 where a
     previous frame is seen; and the constant ``frame / (frames - 1)``, so that the model knows
     how far into the clip it is. ``like`` gives the shape ``(B, C, H, W)``, dtype and device.
-    ``anchored`` adds the clip's first frame ``first`` after the previous one (``(B, 2C + 2, H,
-    W)``, zeroed for frame 0 too): a fixed reference for the shape's appearance.
     """
     if frame.ndim != 1 or len(frame) != len(like) or frames < 2:
         raise ValueError(f"frame must be (B,) = ({len(like)},) frame indices and frames >= 2; "
@@ -448,18 +448,16 @@ def frame_context(previous: torch.Tensor | None, frame: torch.Tensor, frames: in
         raise ValueError(f"frame indices must lie in [0, {frames}); got {frame.tolist()}")
     B, _, H, W = like.shape
     seen = append_dims((frame > 0).to(like.dtype), 4)  # (B, 1, 1, 1)
-    seen_frames = [previous] + ([first] if anchored else [])
-    seen_frames = [torch.zeros_like(like) if x is None else x.to(like) * seen for x in seen_frames]
+    prev = torch.zeros_like(like) if previous is None else previous.to(like) * seen
     position = append_dims(frame.to(like.dtype) / (frames - 1), 4)
-    return torch.cat([*seen_frames, seen.expand(B, 1, H, W), position.expand(B, 1, H, W)], 1)
+    return torch.cat([prev, seen.expand(B, 1, H, W), position.expand(B, 1, H, W)], 1)
 
 
-def frame_unet(unet2d, anchored: bool = False):
+def frame_unet(unet2d):
     """An image ``UNet2DConditionModel`` that also reads :func:`frame_context`: MCVD's conditioning.
 
     A copy of ``unet2d`` whose input convolution takes ``2 C + 2`` channels: the noisy frame
-    (C), the previous frame (C), the mask and the frame index (``3 C + 2`` if ``anchored``:
-    the first frame too). The weights of the new input
+    (C), the previous frame (C), the mask and the frame index. The weights of the new input
     channels start at zero, so before training the model *is* the image model, whatever the
     context (as SD's inpainting and InstructPix2Pix start theirs).
     """
@@ -468,7 +466,7 @@ def frame_unet(unet2d, anchored: bool = False):
     unet = copy.deepcopy(unet2d)
     old = unet.conv_in
     C = old.in_channels
-    new = torch.nn.Conv2d((3 if anchored else 2) * C + CONTEXT_CHANNELS, old.out_channels, old.kernel_size, padding=old.padding,
+    new = torch.nn.Conv2d(2 * C + CONTEXT_CHANNELS, old.out_channels, old.kernel_size, padding=old.padding,
                           dtype=old.weight.dtype, device=old.weight.device)
     with torch.no_grad():
         new.weight.zero_()
@@ -479,14 +477,13 @@ def frame_unet(unet2d, anchored: bool = False):
     return unet
 
 
-def frame_pairs(latents: torch.Tensor, states: torch.Tensor, anchored: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def frame_pairs(latents: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every (frame, context, caption) of latent clips, as training data for :func:`frame_objective`.
 
     ``latents`` ``(N, F, C, H, W)``, ``states`` ``(N, L, D)``. Returns ``(frames, states,
     context)`` with ``N F`` rows: frame f of each clip, its clip's text states, and its
-    :func:`frame_context` (frame f - 1, and frame 0 if ``anchored``; for f = 0 none, so the
-    model also learns first frames from the caption alone).
+    :func:`frame_context` (frame f - 1; for f = 0 none, so the model also learns first frames
+    from the caption alone).
     """
     _check_clips(latents, "latents")
     N, F = latents.shape[:2]
@@ -495,8 +492,7 @@ def frame_pairs(latents: torch.Tensor, states: torch.Tensor, anchored: bool = Fa
     frame = torch.arange(F, device=latents.device).repeat(N)  # (N*F,)
     x0 = latents.flatten(0, 1)
     previous = torch.roll(latents, 1, dims=1).flatten(0, 1)  # frame f - 1 (frame 0's is masked out)
-    first = latents[:, :1].expand_as(latents).flatten(0, 1)
-    return x0, states.repeat_interleave(F, 0), frame_context(previous, frame, F, x0, first, anchored)
+    return x0, states.repeat_interleave(F, 0), frame_context(previous, frame, F, x0)
 
 
 def frame_objective(alpha_bar: torch.Tensor, prediction_type: str, null_states: torch.Tensor,
@@ -555,7 +551,6 @@ def sample_frames(
         raise ValueError("guidance_scale != 1 needs null_states")
     device, B = states.device, len(states)
     C, size = unet.config.out_channels, unet.config.sample_size
-    anchored = unet.config.in_channels == 3 * C + CONTEXT_CHANNELS
     if first is not None and first.shape != (B, C, size, size):
         raise ValueError(f"first must be (B, C, H, W) = {(B, C, size, size)}; got {tuple(first.shape)}")
     clip = [first.to(device)] if first is not None else []
@@ -564,7 +559,7 @@ def sample_frames(
     while len(clip) < frames:
         f = torch.full((B,), len(clip), device=device)
         like = torch.empty(B, C, size, size, device=device)
-        context = frame_context(clip[-1] if clip else None, f, frames, like, clip[0] if clip else None, anchored)
+        context = frame_context(clip[-1] if clip else None, f, frames, like)
         x = torch.randn((B, C, size, size), generator=generator).to(device) * scheduler.init_noise_sigma
         scheduler.set_timesteps(num_inference_steps, device=device)
         for t in scheduler.timesteps:
