@@ -140,22 +140,23 @@ def _recipe_hash(seed: int) -> str:
 
 def _cached_weights(name: str, recipe_hash: str, train) -> dict:
     """``train()``'s ``{"state_dict", "test_accuracy"}``, kept in the zoo's cache folder under ``name-hash``."""
-    from helpers.zoo import cache_dir  # one cache folder for every trained artefact
+    from helpers.zoo import cache_dir, cache_lock  # one cache folder for every trained artefact
 
     path = os.path.join(cache_dir(), f"{name}-{recipe_hash}.pt")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # missing or unreadable: retrain
-        state, accuracy = train()
-        saved = {"state_dict": state, "test_accuracy": accuracy}
+    with cache_lock(f"{name}-{recipe_hash}"):  # processes side by side train it once
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            torch.save(saved, tmp)
-            os.replace(tmp, path)  # atomic: a half-written file is never read
-        except OSError:
-            pass  # a read-only cache only costs a retrain next time
-        return saved
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # missing or unreadable: retrain
+            state, accuracy = train()
+            saved = {"state_dict": state, "test_accuracy": accuracy}
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                torch.save(saved, tmp)
+                os.replace(tmp, path)  # atomic: a half-written file is never read
+            except OSError:
+                pass  # a read-only cache only costs a retrain next time
+            return saved
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,6 +11,7 @@ build and test commands point it into ``_build/`` so a clean run retrains every 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,13 +21,37 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RECIPES", "TRAINERS", "Recipe", "assemble_pipeline", "build", "cache_dir", "history", "load",
-           "vae_loss", "vae_training_images"]
+__all__ = ["RECIPES", "TRAINERS", "Recipe", "assemble_pipeline", "build", "cache_dir", "cache_lock", "history",
+           "load", "vae_loss", "vae_training_images"]
 
 
 def cache_dir() -> Path:
     """Where trained recipes are kept: ``$COURSE_CACHE`` or ``~/.cache/diffusion-course``."""
     return Path(os.environ.get("COURSE_CACHE") or Path.home() / ".cache" / "diffusion-course")
+
+
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """Hold the cache's lock on artefact ``name`` while checking, training and saving it.
+
+    Notebooks that run side by side (``tools/build.py --jobs 2``) and need the same model then
+    train it once: the second waits, then loads what the first saved. An exclusive ``flock`` on
+    ``cache_dir()/.locks/<name>``, released when the file closes, also when a process dies. Where
+    the lock cannot be taken (a read-only cache, a system without ``fcntl``) it is skipped: two
+    processes may then both train, which costs time and never correctness (saves are atomic).
+    """
+    try:
+        import fcntl
+
+        path = cache_dir() / ".locks" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @dataclass(frozen=True)
@@ -319,16 +344,9 @@ def history(name: str) -> tuple[dict, list[tuple[int, float, dict]]]:
     return json.loads((folder / "recipe.json").read_text()), snapshots
 
 
-def load(name: str, device: torch.device | str = "cpu", progress: bool = True, retrain: bool = False):
-    """The trained model of recipe ``name``: from the cache, or trained now and cached.
-
-    Returns the model in eval mode on ``device`` (for ``"shapes_sd"``: the whole
-    ``StableDiffusionPipeline``). ``retrain=True`` ignores the cache.
-    """
-    folder = _folder(name)
+def _load_or_train(name: str, folder: Path, progress: bool, retrain: bool):
+    """Under the cache lock: the cached model, or a trained and saved one."""
     recipe = RECIPES[name]
-    if recipe.kind not in TRAINERS:
-        raise ValueError(f"recipe {name}: kind must be one of {sorted(TRAINERS)}; got {recipe.kind!r}")
     if (folder / "recipe.json").exists() and not retrain:
         if recipe.kind == "latent_diffusion":
             from diffusers import StableDiffusionPipeline
@@ -348,6 +366,21 @@ def load(name: str, device: torch.device | str = "cpu", progress: bool = True, r
                                  "steps": result.steps, "losses": result.losses}
         (folder / "recipe.json").write_text(json.dumps(info, indent=1))  # written last: marks completion
         print(f"zoo: trained {name} in {time.perf_counter() - start:.0f} s -> {folder}")
+    return model
+
+
+def load(name: str, device: torch.device | str = "cpu", progress: bool = True, retrain: bool = False):
+    """The trained model of recipe ``name``: from the cache, or trained now and cached.
+
+    Returns the model in eval mode on ``device`` (for ``"shapes_sd"``: the whole
+    ``StableDiffusionPipeline``). ``retrain=True`` ignores the cache.
+    """
+    folder = _folder(name)
+    recipe = RECIPES[name]
+    if recipe.kind not in TRAINERS:
+        raise ValueError(f"recipe {name}: kind must be one of {sorted(TRAINERS)}; got {recipe.kind!r}")
+    with cache_lock(folder.name):
+        model = _load_or_train(name, folder, progress, retrain)
     model = model.to(device)
     if recipe.kind == "latent_diffusion":
         model.set_progress_bar_config(disable=True)

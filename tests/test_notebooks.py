@@ -7,7 +7,7 @@ import json
 import nbformat
 import pytest
 
-from conftest import BUILD, ROOT, chapter_sources
+from conftest import ROOT, build_timings, chapter_sources
 
 CHAPTERS = chapter_sources()
 
@@ -67,9 +67,12 @@ def test_every_solution_notebook_executed_without_errors(executed_dir):
 
 
 def test_build_recorded_a_time_for_every_notebook():
-    timings = json.loads((BUILD / "timings.json").read_text())
+    run = build_timings()
+    assert run is not None, "no _build/timings.json: run `make book`"
+    timings = run["notebooks"]
     recorded = {t["notebook"] for t in timings}
     expected = {f"chapters/{p.stem}.ipynb" for p in CHAPTERS}
     expected |= {str(p.relative_to(ROOT)) for p in (ROOT / "solutions").glob("*/*.ipynb")}
     assert expected <= recorded
     assert all(t["seconds"] > 0 for t in timings)
+    assert 0 < run["wall_seconds"] <= sum(t["seconds"] for t in timings) + 60  # side by side, never slower than in turn

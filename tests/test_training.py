@@ -1,6 +1,11 @@
 """The training loop and the zoo: losses fall, runs repeat, recipes cache and retrain."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +50,11 @@ def test_train_rejects_bad_budgets():
         training.train(model, torch.zeros(4, 1), lambda m, b: m(b).mean(), steps=0, progress=False)
 
 
+def cached(cache: Path) -> list[Path]:
+    """The trained artefacts in a cache folder (not its .locks)."""
+    return [p for p in cache.iterdir() if not p.name.startswith(".")]
+
+
 def test_zoo_trains_once_then_loads_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     tiny = dataclasses.replace(
@@ -53,7 +63,7 @@ def test_zoo_trains_once_then_loads_the_same_weights(tmp_path, monkeypatch):
     )
     monkeypatch.setitem(zoo.RECIPES, "tiny", tiny)
     first = zoo.load("tiny", progress=False)
-    (folder,) = tmp_path.iterdir()
+    (folder,) = cached(tmp_path)
     assert folder.name == f"tiny-{tiny.key()}" and (folder / "recipe.json").exists()
     second = zoo.load("tiny", progress=False)
     fresh = zoo.build("tiny")  # the recipe's architecture, untrained: snapshots load into it
@@ -63,6 +73,32 @@ def test_zoo_trains_once_then_loads_the_same_weights(tmp_path, monkeypatch):
     # A changed recipe has a new key, so it trains anew into its own folder.
     monkeypatch.setitem(zoo.RECIPES, "tiny", dataclasses.replace(tiny, train_kwargs={**tiny.train_kwargs, "steps": 21}))
     zoo.load("tiny", progress=False)
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(cached(tmp_path)) == 2
     with pytest.raises(ValueError, match="name"):
         zoo.load("no-such-recipe")
+
+
+RACE = """
+import dataclasses, sys, time
+from helpers import zoo
+zoo.RECIPES["tiny"] = dataclasses.replace(
+    zoo.RECIPES["digits_unet"], name="tiny", model_kwargs={"size": 8, "widths": [16, 32], "attention": False},
+    train_kwargs={"steps": 60, "batch_size": 32, "lr": 1e-3, "seed": 0})
+while time.time() < float(sys.argv[1]):  # both processes ask at the same moment
+    time.sleep(0.01)
+zoo.load("tiny", progress=False)
+"""
+
+
+def test_two_processes_needing_one_recipe_train_it_once(tmp_path):
+    """tools/build.py --jobs 2 runs notebooks side by side: the cache lock makes the second wait and load."""
+    env = os.environ | {"COURSE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    start_at = str(time.time() + 15)
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, start_at], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    said = sorted("trained" if "zoo: trained tiny" in log else "loaded" if "zoo: loaded tiny" in log else log
+                  for log in logs)
+    assert said == ["loaded", "trained"], logs
+    assert len(cached(tmp_path)) == 1
