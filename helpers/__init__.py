@@ -33,7 +33,7 @@ _diffusers.utils.logging.disable_progress_bar()
 _transformers.utils.logging.disable_progress_bar()
 _hub.utils.disable_progress_bars()
 
-from helpers import control, diffusion, flow, mmdit, models, plot, text, training, video, zoo  # noqa: E402, F401  (helpers.training etc.)
+from helpers import control, diffusion, edm, flow, mmdit, models, plot, text, training, video, zoo  # noqa: E402, F401  (helpers.training etc.)
 from helpers.core import append_dims, get_device, seed_everything
 from helpers.data import (
     PHOTOS,

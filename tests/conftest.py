@@ -40,7 +40,12 @@ def site_dir() -> Path:
 def build_timings() -> dict | None:
     """The last full build's ``{"jobs", "threads", "wall_seconds", "notebooks": [rows]}`` (tools/build.py)."""
     path = BUILD / "timings.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    run = json.loads(path.read_text())
+    if isinstance(run, list):  # written by an older build.py: one at a time, rows only
+        run = {"jobs": 1, "threads": "all", "wall_seconds": sum(r["seconds"] for r in run), "notebooks": run}
+    return run
 
 
 def pytest_terminal_summary(terminalreporter):
