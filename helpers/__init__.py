@@ -19,7 +19,9 @@ Notation and conventions (the same as the book's notation page)
 * Modules: ``schedules``, ``diffusion`` (forward and reverse process, DDIM), ``data``, ``models``,
   ``training`` (one loop on accelerate), ``zoo`` (train once, load after), ``metrics``, ``plot``,
   ``text`` (tokenizer, tiny CLIP), ``flow`` (flow matching), ``mmdit`` (SD3 in miniature),
-  ``control`` (ControlNet, LoRA, editing), ``video`` (clips, temporal attention).
+  ``control`` (ControlNet, LoRA, editing), ``video`` (clips, temporal attention), ``score``
+  (Gaussian mixtures' exact score and Tweedie mean, the bound's weights), ``edm`` (sigma, EDM's
+  preconditioning and samplers).
 * Device: CUDA when present, else MPS, else CPU (:func:`get_device`); float32 by default.
 """
 
@@ -33,7 +35,7 @@ _diffusers.utils.logging.disable_progress_bar()
 _transformers.utils.logging.disable_progress_bar()
 _hub.utils.disable_progress_bars()
 
-from helpers import control, diffusion, edm, flow, mmdit, models, plot, text, training, video, zoo  # noqa: E402, F401  (helpers.training etc.)
+from helpers import control, diffusion, edm, flow, mmdit, models, plot, score, text, training, video, zoo  # noqa: E402, F401  (helpers.training etc.)
 from helpers.core import append_dims, get_device, seed_everything
 from helpers.data import (
     PHOTOS,
