@@ -27,11 +27,14 @@ from helpers.core import append_dims
 from helpers.diffusion import classifier_free_guidance, denoise
 
 __all__ = [
+    "PREDICTIONS",
     "T_SAMPLINGS",
+    "convert",
     "flow_euler_sample",
     "flow_interpolate",
     "flow_objective",
     "flow_sigmas",
+    "flow_time",
     "flow_velocity",
     "shift_sigmas",
 ]
@@ -71,6 +74,62 @@ def flow_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     if x0.shape != noise.shape:
         raise ValueError(f"x0 and noise must have the same shape; got {tuple(x0.shape)} and {tuple(noise.shape)}")
     return noise - x0
+
+
+PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow", "score")
+
+
+def convert(output: torch.Tensor, source: str, target: str, xt: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """Turn one prediction into another, exactly, on any Gaussian path ``x_t = alpha x0 + sigma eps``.
+
+    DDPM's path has ``alpha = sqrt(alpha_bar_t)``, ``sigma = sqrt(1 - alpha_bar_t)``; rectified
+    flow's ``alpha = 1 - t``, ``sigma = t``. A network's output names a point of the pair
+    ``(x0, eps)`` that, with ``x_t``, fixes the other; the kinds are
+
+    * ``"epsilon"``: eps;   ``"sample"``: x0;   ``"score"``: ``-eps / sigma`` (of ``q(x_t | x0)``,
+      and, averaged over x0 given x_t, of ``p_t``);
+    * ``"v_prediction"``: ``alpha * eps - sigma * x0`` (diffusers' v, Salimans & Ho);
+    * ``"flow"``: ``eps - x0``, the velocity of the straight path through the same x0 and eps: what
+      a rectified-flow model predicts, and ``d x_flow / d t_flow`` in :func:`flow_time`'s coordinates.
+
+    ``alpha`` and ``sigma`` are floats or tensors broadcastable against ``xt``.
+    """
+    for name, kind in (("source", source), ("target", target)):
+        if kind not in PREDICTIONS:
+            raise ValueError(f"{name} must be one of {PREDICTIONS}; got {kind!r}")
+    if output.shape != xt.shape:
+        raise ValueError(f"output and xt must have the same shape; got {tuple(output.shape)} and {tuple(xt.shape)}")
+    alpha, sigma = (torch.as_tensor(c, dtype=xt.dtype, device=xt.device) for c in (alpha, sigma))
+    if bool((sigma <= 0).any()) or bool((alpha < 0).any()):
+        raise ValueError("need sigma > 0 and alpha >= 0 (a noisy point of the path)")
+    if source == "epsilon":
+        eps = output
+        x0 = (xt - sigma * eps) / alpha
+    elif source == "score":
+        eps = -sigma * output
+        x0 = (xt - sigma * eps) / alpha
+    elif source == "sample":
+        x0 = output
+        eps = (xt - alpha * x0) / sigma
+    elif source == "v_prediction":  # [x_t; v] = [[alpha, sigma], [-sigma, alpha]] [x0; eps]
+        norm = alpha**2 + sigma**2
+        x0, eps = (alpha * xt - sigma * output) / norm, (sigma * xt + alpha * output) / norm
+    else:  # flow: x_t = (alpha + sigma) x0 + sigma u
+        x0 = (xt - sigma * output) / (alpha + sigma)
+        eps = x0 + output
+    return {"epsilon": lambda: eps, "sample": lambda: x0, "score": lambda: -eps / sigma,
+            "v_prediction": lambda: alpha * eps - sigma * x0, "flow": lambda: eps - x0}[target]()
+
+
+def flow_time(xt: torch.Tensor, alpha, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t / (alpha + sigma), sigma / (alpha + sigma))``: a point of any Gaussian path as a point of the straight one.
+
+    ``x_t / (alpha + sigma) = (1 - s) x0 + s eps`` with ``s = sigma / (alpha + sigma)``: the same
+    x0 and eps on rectified flow's path at time s. So a DDPM model can be sampled with a flow
+    sampler, through :func:`convert` to ``"flow"``; Euler in these coordinates is DDIM.
+    """
+    alpha, sigma = (torch.as_tensor(c, dtype=xt.dtype, device=xt.device) for c in (alpha, sigma))
+    return xt / (alpha + sigma), sigma / (alpha + sigma)
 
 
 def shift_sigmas(sigmas, shift: float):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+import helpers
 from helpers import flow, training
 
 
@@ -170,3 +171,68 @@ def test_bad_arguments_raise():
         flow.flow_sigmas(0)
     with pytest.raises(ValueError, match="shift"):
         flow.flow_sigmas(4, shift=0.0)
+
+
+# --- one family of Gaussian paths: conversions between predictions ---------------------------
+
+def _pair(shape=(6, 2, 3)):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("alpha, sigma", [(0.9 ** 0.5, 0.1 ** 0.5), (0.3, 0.7), (1e-3, 1.0)])
+def test_every_prediction_converts_to_every_other_exactly(alpha, sigma):
+    x0, eps = _pair()
+    xt = alpha * x0 + sigma * eps
+    truth = {"epsilon": eps, "sample": x0, "score": -eps / sigma, "v_prediction": alpha * eps - sigma * x0,
+             "flow": eps - x0}
+    for source in flow.PREDICTIONS:
+        for target in flow.PREDICTIONS:
+            got = flow.convert(truth[source], source, target, xt, alpha, sigma)
+            torch.testing.assert_close(got, truth[target], rtol=1e-9, atol=1e-9 / alpha)
+
+
+def test_conversions_agree_with_diffusion_helpers_and_the_score_of_q():
+    from helpers import diffusion
+
+    x0, eps = _pair()
+    ab = torch.tensor(0.37, dtype=torch.float64)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    v = diffusion.v_from_x0_eps(x0, eps, ab)
+    torch.testing.assert_close(flow.convert(v, "v_prediction", "sample", xt, ab.sqrt(), (1 - ab).sqrt()),
+                               diffusion.x0_from_v(xt, v, ab))
+    x = xt.clone().requires_grad_(True)  # the score of q(x_t | x0) by autograd
+    log_q = torch.distributions.Normal(ab.sqrt() * x0, (1 - ab).sqrt()).log_prob(x).sum()
+    (score,) = torch.autograd.grad(log_q, x)
+    torch.testing.assert_close(flow.convert(eps, "epsilon", "score", xt, ab.sqrt(), (1 - ab).sqrt()), score)
+
+
+def test_flow_time_maps_a_vp_point_onto_the_straight_path_and_euler_there_is_ddim():
+    from helpers import diffusion
+
+    x0, eps = _pair()
+    alpha_bar = helpers.get_schedule("linear", dtype=torch.float64).alpha_bar
+    t, t_prev = 700, 400
+    a, s = alpha_bar[t].sqrt(), (1 - alpha_bar[t]).sqrt()
+    xt = a * x0 + s * eps
+    x_flow, time = flow.flow_time(xt, a, s)
+    torch.testing.assert_close(x_flow, flow.flow_interpolate(x0, eps, float(time)))
+    # One Euler step of the flow ODE with the converted velocity lands on DDIM's step.
+    eps_hat = eps + 0.1 * x0  # any network output
+    u = flow.convert(eps_hat, "epsilon", "flow", xt, a, s)
+    a2, s2 = alpha_bar[t_prev].sqrt(), (1 - alpha_bar[t_prev]).sqrt()
+    _, time_prev = flow.flow_time(xt, a2, s2)
+    euler = (x_flow + (time_prev - time) * u) * (a2 + s2)
+    torch.testing.assert_close(euler, diffusion.ddim_step(eps_hat, t, xt, alpha_bar, t_prev))
+
+
+def test_convert_names_its_bad_arguments():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="source"):
+        flow.convert(x, "noise", "sample", x, 0.5, 0.5)
+    with pytest.raises(ValueError, match="target"):
+        flow.convert(x, "epsilon", "x0", x, 0.5, 0.5)
+    with pytest.raises(ValueError, match="same shape"):
+        flow.convert(x, "epsilon", "sample", torch.zeros(3), 0.5, 0.5)
+    with pytest.raises(ValueError, match="sigma > 0"):
+        flow.convert(x, "epsilon", "sample", x, 1.0, 0.0)
