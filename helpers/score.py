@@ -4,7 +4,7 @@ For the course's forward process ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps`` (``ab 
 
 * the **score** of the noisy marginal is ``grad log p_t(x_t) = -E[eps | x_t] / sqrt(1 - ab)``,
   so an eps-network estimates it: ``score ~ -eps_theta / sqrt(1 - ab)``
-  (:func:`score_from_eps`, :func:`eps_from_score`);
+  (``helpers.flow.convert(eps, "epsilon", "score", ...)`` converts it, on any Gaussian path);
 * **Tweedie's formula** gives the posterior mean of the data,
   ``E[x0 | x_t] = (x_t + (1 - ab) grad log p_t(x_t)) / sqrt(ab)``, the network's ``x0_hat``.
 
@@ -31,13 +31,11 @@ from helpers.core import append_dims
 
 __all__ = [
     "elbo_weights",
-    "eps_from_score",
     "mixture_log_prob",
     "mixture_marginal",
     "mixture_posterior_mean",
     "mixture_sample",
     "mixture_score",
-    "score_from_eps",
 ]
 
 
@@ -168,25 +166,7 @@ def mixture_sample(n: int, means, covs, weights, generator: torch.Generator | No
     return (means.cpu()[k] + (L[k] @ z[..., None]).squeeze(-1)).to(means.device)
 
 
-# --- eps <-> score, and the bound's weights ------------------------------------------------------
-
-
-def _noise_scale(alpha_bar_t, ref: torch.Tensor) -> torch.Tensor:
-    ab = torch.as_tensor(alpha_bar_t, dtype=ref.dtype, device=ref.device)
-    if ((ab < 0) | (ab >= 1)).any():
-        raise ValueError("alpha_bar_t must lie in [0, 1): at alpha_bar_t = 1 there is no noise and no score to speak of")
-    ab = append_dims(ab, ref.ndim) if ab.ndim == 1 else ab
-    return (1 - ab).sqrt()
-
-
-def score_from_eps(eps: torch.Tensor, alpha_bar_t) -> torch.Tensor:
-    """``score = -eps / sqrt(1 - ab)``: an eps-prediction read as the score of ``p_t``."""
-    return -eps / _noise_scale(alpha_bar_t, eps)
-
-
-def eps_from_score(score: torch.Tensor, alpha_bar_t) -> torch.Tensor:
-    """``eps = -sqrt(1 - ab) * score``: the noise prediction that a score implies."""
-    return -_noise_scale(alpha_bar_t, score) * score
+# --- the bound's weights ----------------------------------------------------------------------
 
 
 def elbo_weights(alpha_bar: torch.Tensor, sigma2: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal, Normal, Independent, kl_divergence
 
 import helpers
-from helpers import diffusion, score
+from helpers import diffusion, flow, score
 
 D64 = torch.float64
 
@@ -106,14 +106,16 @@ def test_eps_and_score_convert_exactly_and_the_best_eps_is_minus_scaled_score():
     so check it exactly on one Gaussian, where E[eps | x_t] is linear in x_t."""
     g = torch.Generator().manual_seed(11)
     s = torch.randn(5, 2, generator=g, dtype=D64)
-    ab = torch.tensor([0.9, 0.5, 0.1, 0.0, 0.99], dtype=D64)
-    torch.testing.assert_close(score.score_from_eps(score.eps_from_score(s, ab), ab), s)
+    x = torch.randn(5, 2, generator=g, dtype=D64)
+    for ab in (0.9, 0.5, 0.1, 0.0, 0.99):
+        c = (math.sqrt(ab), math.sqrt(1 - ab))
+        torch.testing.assert_close(flow.convert(flow.convert(s, "score", "epsilon", x, *c), "epsilon", "score", x, *c), s)
     m, sd, a = 0.5, 0.8, 0.3
     xt = torch.linspace(-2, 2, 9, dtype=D64)[:, None]
     var_t = a * sd**2 + 1 - a
     eps_best = math.sqrt(1 - a) * (xt - math.sqrt(a) * m) / var_t  # Cov(eps, x_t) / Var(x_t) * (x_t - E x_t)
     exact = score.mixture_score(xt, torch.tensor([[m]], dtype=D64), torch.tensor([[[sd**2]]], dtype=D64), torch.ones(1, dtype=D64), a)
-    torch.testing.assert_close(score.eps_from_score(exact, a), eps_best)
+    torch.testing.assert_close(flow.convert(exact, "score", "epsilon", xt, math.sqrt(a), math.sqrt(1 - a)), eps_best)
 
 
 @pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
@@ -162,8 +164,6 @@ def test_bad_arguments_raise_errors_naming_them():
         score.mixture_posterior_mean(x, means, covs, weights, 1.5)
     with pytest.raises(ValueError, match="alpha_bar_t"):
         score.mixture_score(x, means, covs, weights, torch.full((3,), 0.5))
-    with pytest.raises(ValueError, match="alpha_bar_t"):
-        score.score_from_eps(x, 1.0)
     with pytest.raises(ValueError, match="n must be"):
         score.mixture_sample(0, means, covs, weights)
     with pytest.raises(ValueError, match="alpha_bar"):
