@@ -191,3 +191,14 @@ def test_student_pages_show_no_solutions_or_hidden_tests(loaded):
             assert forbidden not in rec["text"], f"{rel} shows {forbidden!r}"
         leaked = [line for line in secret if line in rec["text"]]
         assert not leaked, f"{rel} shows solution or hidden-test lines: {leaked[:3]}"
+
+
+def test_every_bundled_photograph_is_attributed():
+    """A photograph added to helpers.PHOTOS needs its source and licence on the licences page."""
+    import helpers
+
+    page = (ROOT / "chapters" / "licences.md").read_text(encoding="utf-8")
+    rows = {m.group(1) for m in re.finditer(r"^\| (.+?) \|", page, flags=re.M)}
+    named = {name for row in rows for name in re.findall(r"`(\w+)`", row)}  # first column: `chelsea` (the cat)
+    assert set(helpers.PHOTOS) <= named, sorted(set(helpers.PHOTOS) - named)
+    assert (ROOT / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
