@@ -327,8 +327,43 @@ VIDEO_PATCHES = Assignment(
     loops=("attention_cost", "test_attention_cost"),
 )
 
+EVALUATION = Assignment(
+    name="evaluation",
+    mistakes={
+        "fd_divides_by_n": (  # the biased covariance (numpy.cov(bias=True)): not what FID computes
+            ("frechet_distance", "xa.T @ xa / (len(a) - 1), xb.T @ xb / (len(b) - 1)",
+             "xa.T @ xa / len(a), xb.T @ xb / len(b)"),
+            {"test_frechet_distance"}),
+        "fd_trace_without_sqrt": (  # Tr(S_a S_b) where Tr (S_a S_b)^(1/2) belongs: a set is not at 0 from itself
+            ("frechet_distance", "tr_sqrt = eig.clamp(min=0).sqrt().sum()", "tr_sqrt = (cov_a @ cov_b).trace()"),
+            {"test_frechet_distance", "test_frechet_invariances"}),
+        "fd_mean_not_squared": (  # |mu_a - mu_b| instead of its square: FD no longer scales as a squared length
+            ("frechet_distance", "((mu_a - mu_b) ** 2).sum()", "(mu_a - mu_b).norm()"),
+            {"test_frechet_distance", "test_frechet_invariances"}),
+        "radius_counts_itself": (  # the point itself as its nearest neighbour: k = 1 gives radius 0
+            ("knn_radii", "d.sort(dim=1).values[:, k]", "d.sort(dim=1).values[:, k - 1]"),
+            {"test_knn_radii", "test_precision_recall"}),  # precision_recall uses knn_radii by design
+        "precision_recall_swapped": (  # fakes in the real manifold is precision, not recall
+            ("precision_recall", "return precision, recall", "return recall, precision"),
+            {"test_precision_recall"}),
+        "ratio_inverted": (  # second nearest over nearest: a copy gives infinity, not 0
+            ("memorisation_ratio", "nearest[:, 0] / nearest[:, 1]", "nearest[:, 1] / nearest[:, 0]"),
+            {"test_memorisation_ratio"}),
+        "bits_count_errors": (  # the bit error rate instead of the accuracy
+            ("bit_accuracy", "(decoded == embedded)", "(decoded != embedded)"),
+            {"test_bit_accuracy"}),
+        "p_value_strict_tail": (  # P(X > m) instead of P(X >= m): all bits right would have p = 0
+            ("watermark_p_value", "range(n_match, n_bits + 1)", "range(n_match + 1, n_bits + 1)"),
+            {"test_watermark_p_value"}),
+    },
+    gutted=("precision_recall_swapped", "test_precision_recall"),
+    deleted=("fd_divides_by_n", "test_frechet_distance"),
+    after_markdown="test_frechet_invariances",
+    loops=("watermark_p_value", "test_watermark_p_value"),
+)
+
 ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP, CFG_ARITHMETIC, DDIM_RECONSTRUCTION,
-                                   DIT_FLOW, LORA_CONTROLNET, VIDEO_PATCHES)}
+                                   DIT_FLOW, LORA_CONTROLNET, VIDEO_PATCHES, EVALUATION)}
 MISTAKES = [(a.name, student) for a in ASSIGNMENTS.values() for student in sorted(a.mistakes)]
 
 # Habits the values alone do not show (see check_habits in each assignment's first cell): an
@@ -390,6 +425,14 @@ HABITS = {
         "float_count": (("attention_cost", "full = (frames * positions) ** 2", "full = math.pow(frames * positions, 2)"),
                         {"test_attention_cost"}),
     },
+    "evaluation": {
+        "in_place": (("frechet_distance", "xa, xb = a - mu_a, b - mu_b", "a -= mu_a\n    b -= mu_b\n    xa, xb = a, b"),
+                     {"test_frechet_distance", "test_frechet_invariances"}),  # .double() of float64 is the input itself
+        "dtype": (("memorisation_ratio", "d = torch.cdist(generated.flatten(1), train.flatten(1))",
+                   "d = torch.cdist(generated.flatten(1).double(), train.flatten(1).double())"), {"test_memorisation_ratio"}),
+        "tensor_not_float": (("precision_recall", ".double().mean().item()  # fakes", ".double().mean()  # fakes"),
+                             {"test_precision_recall"}),  # a 0-d tensor where the text asks for a Python float
+    },
 }
 
 # Answers that are somebody else's: the course's helpers, a library, a test's reference or the
@@ -428,6 +471,10 @@ BORROWED = {
                           "return pairs['full'], pairs['factorised']",
         "centre_motion": "from helpers import video as course\nm = course.motion(video)\nreturn m['direction'], m['speed']",
     }, {"test_temporal_attention", "test_temporal_attention_is_local", "test_attention_cost", "test_centre_motion"}),
+    "evaluation": ({
+        "frechet_distance": "from helpers.metrics import frechet_distance as course_fd\nreturn course_fd(feats_a, feats_b)",
+        "knn_radii": "return torch.tensor(radii_by_hand(feats, k))  # the visible test's reference",
+    }, {"test_frechet_distance", "test_frechet_invariances", "test_knn_radii"}),
 }
 
 # A correct answer that makes torch print a warning while a test runs: it keeps its points.
