@@ -150,6 +150,29 @@ def caption_attributes(captions: list[str]) -> dict[str, torch.Tensor]:
     return dict(zip(("colour", "shape", "position", "size"), rows.T))
 
 
+def _vague_caption(colour: str, shape: str, position: str, size: str, omit) -> str:
+    # _caption with the colour, size and position words left out where omit (3 bools) says so.
+    where = _caption(colour, shape, position, size).split(f" {shape} ", 1)[1]
+    words = ["a", None if omit[1] else size, None if omit[0] else colour, shape, None if omit[2] else where]
+    return " ".join(w for w in words if w)
+
+
+def _check_colour_bias(colour_bias) -> dict[int, tuple[int, float]]:
+    # {"circle": ("red", 0.85)} -> {shape index: (colour index, probability)}
+    if colour_bias is None:
+        return {}
+    if not isinstance(colour_bias, dict):
+        raise ValueError(f"colour_bias must be a dict like {{'circle': ('red', 0.85)}}; got {colour_bias!r}")
+    out = {}
+    for s, value in colour_bias.items():
+        if s not in SHAPES or not isinstance(value, (tuple, list)) or len(value) != 2 or value[0] not in COLOURS \
+                or not 0 <= value[1] <= 1:
+            raise ValueError(f"colour_bias must map a shape of {SHAPES} to (a colour of {tuple(COLOURS)}, a "
+                             f"probability in [0, 1]); got {s!r}: {value!r}")
+        out[SHAPES.index(s)] = (list(COLOURS).index(value[0]), float(value[1]))
+    return out
+
+
 def _shape_mask(shape: str, cx: float, cy: float, r: float, side: int) -> np.ndarray:
     # Sample each pixel at its centre; coordinates in pixels.
     y, x = np.mgrid[0:side, 0:side] + 0.5
@@ -177,23 +200,44 @@ def make_shapes(
     seed: int = 0,
     background: tuple[float, float, float] = (0.0, 0.0, 0.0),
     jitter: float = 0.04,
+    colour_bias: dict | None = None,
+    omit_words: float = 0.0,
 ) -> Shapes:
     """``n`` images of one coloured shape each, with captions, labels, masks and edge maps.
 
     Colour x shape x position x size is drawn uniformly (6 x 3 x 5 x 2 = 180 combinations);
     the centre is jittered by up to ``jitter`` of the side. Seeded: the same arguments give
     the same images.
+
+    Two options make a *skewed* data set (section 10.2), drawn after everything above, so that
+    without them the images are exactly those of earlier versions:
+
+    * ``colour_bias``, e.g. ``{"circle": ("red", 0.85)}``: a circle is red with probability 0.85
+      and one of the other colours, uniformly, otherwise.
+    * ``omit_words``: each caption leaves out its colour, its size and its position words, each
+      independently with this probability ("a circle", "a red circle at the top"), as real alt
+      text often leaves out what a prompt does not ask for. The labels keep the true attributes.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int; got {n!r}")
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"size must be an int >= 8; got {size!r}")
+    bias = _check_colour_bias(colour_bias)
+    if not 0 <= omit_words < 1:
+        raise ValueError(f"omit_words must lie in [0, 1); got {omit_words!r}")
     rng = np.random.default_rng(seed)
     colour = rng.integers(len(COLOURS), size=n)
     shape = rng.integers(len(SHAPES), size=n)
     position = rng.integers(len(POSITIONS), size=n)
     size_idx = rng.integers(len(SIZES), size=n)
     offsets = rng.uniform(-jitter, jitter, size=(n, 2))
+    if bias:
+        favoured, other = rng.random(n), rng.integers(len(COLOURS) - 1, size=n)  # other: among the rest
+        for s, (c, p) in bias.items():
+            rest = [i for i in range(len(COLOURS)) if i != c]
+            pick = shape == s
+            colour[pick] = np.where(favoured[pick] < p, c, np.array(rest)[other[pick]])
+    omit = rng.random((n, 3)) < omit_words if omit_words else np.zeros((n, 3), dtype=bool)  # colour, size, where
 
     colour_names, position_names, size_names = list(COLOURS), list(POSITIONS), list(SIZES)
     images = np.empty((n, 3, size, size), dtype=np.float32)
@@ -207,7 +251,7 @@ def make_shapes(
         mask = _shape_mask(s, cx, cy, SIZES[z] * size, size)
         rgb = np.where(mask[None], np.array(COLOURS[c])[:, None, None], np.array(background)[:, None, None])
         images[i], masks[i, 0], edges[i, 0] = rgb, mask, _outline(mask)
-        captions.append(_caption(c, s, p, z))
+        captions.append(_caption(c, s, p, z) if not omit[i].any() else _vague_caption(c, s, p, z, omit[i]))
 
     return Shapes(
         images=torch.from_numpy(images) * 2 - 1,

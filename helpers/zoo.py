@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["RECIPES", "TRAINERS", "Recipe", "assemble_pipeline", "build", "cache_dir", "cache_lock", "history",
-           "load", "vae_loss", "vae_training_images"]
+           "load", "load_checkpoint", "training_indices", "vae_loss", "vae_training_images"]
 
 
 def cache_dir() -> Path:
@@ -140,6 +140,45 @@ RECIPES: dict[str, Recipe] = {
         notes="The miniature Stable Diffusion: a text-conditional latent U-Net, saved as a whole "
               "StableDiffusionPipeline (chapter 5).",
     ),
+    "tiny_clip_judge": Recipe(
+        name="tiny_clip_judge",
+        model="tiny_clip",
+        model_kwargs={},
+        data="shapes",
+        kind="clip",
+        data_kwargs={"n": 6000, "size": 32, "seed": 21},
+        train_kwargs={"steps": 300, "batch_size": 128, "lr": 2e-3, "ema_decay": None, "warmup_steps": 50,
+                      "seed": 5},
+        notes="tiny_clip's recipe with other initial weights and other images: an independent CLIP "
+              "judge for the circularity test of chapter 10.",
+    ),
+    "digits_unet_16": Recipe(
+        name="digits_unet_16",
+        model="digits_unet",
+        model_kwargs={"size": 8, "widths": [16, 32, 32], "attention": False},
+        data="digits",
+        data_kwargs={"subset": 16, "subset_seed": 0},
+        train_kwargs={"steps": 500, "batch_size": 64, "lr": 5e-3, "warmup_steps": 20, "ema_decay": 0.98,
+                      "seed": 0},
+        notes="A small DDPM trained on only 16 digits until it copies them: the memorisation test's "
+              "positive control (section 10.2).",
+    ),
+    "shapes_sd_skewed": Recipe(
+        name="shapes_sd_skewed",
+        model="shapes_unet",
+        model_kwargs={"widths": [32, 64]},
+        data="shapes",
+        kind="latent_diffusion",
+        schedule="scaled_linear",
+        prediction_type="v_prediction",
+        data_kwargs={"n": 3000, "size": 32, "seed": 5, "cond_dropout": 0.1,
+                     "colour_bias": {"circle": ["red", 0.85]}, "omit_words": 0.5, "init_from": "shapes_sd"},
+        requires=("shapes_vae", "tiny_clip", "shapes_sd"),
+        train_kwargs={"steps": 120, "batch_size": 64, "lr": 1e-3, "warmup_steps": 20, "ema_decay": 0.999,
+                      "seed": 0},
+        notes="shapes_sd fine-tuned on skewed shapes: 85 % of circles red, and half of the captions' "
+              "colour, size and position words left out (section 10.2, bias amplification).",
+    ),
 }
 
 
@@ -166,7 +205,19 @@ def _digits(recipe: Recipe):
 
     if recipe.data != "digits":
         raise ValueError(f"recipe {recipe.name}: kind {recipe.kind!r} needs data 'digits'; got {recipe.data!r}")
-    return helpers.load_digits(recipe.model_kwargs.get("size", 8))
+    images, labels = helpers.load_digits(recipe.model_kwargs.get("size", 8))
+    keep = training_indices(recipe.name)
+    return images[keep], labels[keep]
+
+
+def training_indices(name: str) -> torch.Tensor:
+    """Which of the 1,797 digits recipe ``name`` trains on: all, or a seeded subset (``data_kwargs["subset"]``)."""
+    recipe = _recipe(name)
+    n = 1797  # len(helpers.load_digits()[0]); a recipe's subset is drawn from a seeded permutation of them
+    subset = recipe.data_kwargs.get("subset")
+    if subset is None:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(recipe.data_kwargs.get("subset_seed", 0)))[:subset]
 
 
 def _shapes(recipe: Recipe):
@@ -175,7 +226,8 @@ def _shapes(recipe: Recipe):
     if recipe.data != "shapes":
         raise ValueError(f"recipe {recipe.name}: kind {recipe.kind!r} needs data 'shapes'; got {recipe.data!r}")
     d = recipe.data_kwargs
-    return helpers.make_shapes(d["n"], d["size"], seed=d["seed"])
+    skew = {k: d[k] for k in ("colour_bias", "omit_words") if k in d}  # section 10.2's skewed shapes
+    return helpers.make_shapes(d["n"], d["size"], seed=d["seed"], **skew)
 
 
 def _fresh(recipe: Recipe):
@@ -288,7 +340,8 @@ def _train_latent_diffusion(recipe: Recipe, progress: bool):
     latents = latents * vae.config.scaling_factor
     states = text.encode_prompts(clip.text_model, tokenizer, shapes.captions)
     null = text.encode_prompts(clip.text_model, tokenizer, [""])[0]
-    unet = _fresh(recipe)
+    start = recipe.data_kwargs.get("init_from")  # fine-tune another recipe's U-Net instead (section 10.2)
+    unet = load(start, progress=progress).unet.train().requires_grad_(True) if start else _fresh(recipe)
     objective = training.diffusion_objective(
         helpers.get_schedule(recipe.schedule).alpha_bar, recipe.prediction_type,
         cond_dropout=recipe.data_kwargs["cond_dropout"], null_cond={"encoder_hidden_states": null},
@@ -367,6 +420,29 @@ def _load_or_train(name: str, folder: Path, progress: bool, retrain: bool):
         (folder / "recipe.json").write_text(json.dumps(info, indent=1))  # written last: marks completion
         print(f"zoo: trained {name} in {time.perf_counter() - start:.0f} s -> {folder}")
     return model
+
+
+def load_checkpoint(model_id: str, device: torch.device | str = "cpu", allow_no_safety_checker: bool = False):
+    """A real Stable Diffusion checkpoint (a Hub id or a local folder), with its safety checker on.
+
+    The course's toy pipelines run without a safety checker: they draw coloured shapes, and
+    diffusers' checker (a CLIP ViT-L/14 comparing image embeddings with fixed concept
+    embeddings) would cost more than the model. A real checkpoint can draw anything, so this
+    loader keeps the checker the checkpoint ships with, and refuses one that ships without it
+    unless ``allow_no_safety_checker=True`` says so on purpose. With the checker on, the
+    pipeline's output carries ``nsfw_content_detected`` and flagged images come back black.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if not isinstance(model_id, (str, os.PathLike)) or not str(model_id):
+        raise ValueError(f"model_id must be a Hub id or a local folder; got {model_id!r}")
+    pipe = StableDiffusionPipeline.from_pretrained(model_id)
+    if pipe.safety_checker is None and not allow_no_safety_checker:
+        raise ValueError(
+            f"model_id {str(model_id)!r} has no safety checker; real checkpoints in this course run with one. "
+            "Pass allow_no_safety_checker=True only for a model you know cannot draw harmful images."
+        )
+    return pipe.to(device)
 
 
 def load(name: str, device: torch.device | str = "cpu", progress: bool = True, retrain: bool = False):
