@@ -46,7 +46,7 @@ def is_notebook_source(path: Path) -> bool:
     return head.startswith("---") and "kernelspec:" in head
 
 
-def notebooks_to_execute(only: str | None) -> list[tuple[Path, Path]]:
+def notebooks_to_execute(only: list[str] | None) -> list[tuple[Path, Path]]:
     """(source, runnable .ipynb) pairs: chapters converted by jupytext, solutions as they are."""
     import jupytext
 
@@ -59,14 +59,14 @@ def notebooks_to_execute(only: str | None) -> list[tuple[Path, Path]]:
             pairs.append((md, target))
     for nb in sorted((ROOT / "solutions").glob("*/*.ipynb")):
         pairs.append((nb, nb))
-    return [p for p in pairs if only is None or only in p[0].name]
+    return [p for p in pairs if only is None or any(o in p[0].name for o in only)]
 
 
 # Which notebooks go first when they run side by side: those that train the models the others
 # load (helpers.zoo: chapter 2 the digits model, 4 the tiny CLIP, 5 the VAE and miniature SD), then
 # the longest. Any order is correct (the zoo's cache lock makes a notebook wait for a model that is
 # being trained); this one keeps both workers busy.
-FIRST = ["02_reverse", "04_guidance", "05_latent", "03_unet", "07_dit_flow", "06_ddim", "07_mmdit", "08_", "09_video_"]
+FIRST = ["02_reverse", "04_guidance", "05_latent", "03_unet", "07_dit_flow", "06_ddim", "07_mmdit", "08_", "10_memorisation", "09_video_", "10_evaluation"]
 
 
 def schedule(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
@@ -223,7 +223,7 @@ def build_site() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help="execute only notebooks whose file name contains this")
+    parser.add_argument("--only", action="append", help="execute only notebooks whose file name contains this (repeatable)")
     parser.add_argument("--no-site", action="store_true", help="skip the website build")
     parser.add_argument("--no-execute", action="store_true", help="reuse _build/executed")
     parser.add_argument("--jobs", type=int, default=min(2, usable_cpus()),
