@@ -62,24 +62,21 @@ def fd_infinity(ns, fds) -> tuple[float, float]:
     return float(fd_inf), float(slope)
 
 
-def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    sq = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.clip(sq, 0, None))
-
-
 def knn_radii(feats, k: int = 3) -> np.ndarray:
     """Distance from each row to its k-th nearest *other* row (the point itself is not counted)."""
-    x = _as_float64(feats, "feats")
+    from helpers.provenance import nearest_neighbours
+
+    x = torch.from_numpy(_as_float64(feats, "feats"))
     if not isinstance(k, int) or not 1 <= k < len(x):
         raise ValueError(f"k must be an int with 1 <= k < N = {len(x)}; got {k!r}")
-    d = _distances(x, x)
-    np.fill_diagonal(d, np.inf)  # a point is not its own neighbour
-    return np.partition(d, k - 1, axis=1)[:, k - 1]
+    distances, _ = nearest_neighbours(x, x, k=k, exclude_self=True)  # (N, k), nearest first
+    return distances[:, k - 1].numpy()
 
 
 def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> float:
     """Fraction of ``points`` inside at least one ball (centre, radius)."""
-    return float((_distances(points, centres) <= radii[None, :]).any(axis=1).mean())
+    d = torch.cdist(torch.from_numpy(points), torch.from_numpy(centres)).numpy()
+    return float((d <= radii[None, :]).any(axis=1).mean())
 
 
 def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:

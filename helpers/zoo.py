@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -140,18 +140,6 @@ RECIPES: dict[str, Recipe] = {
         notes="The miniature Stable Diffusion: a text-conditional latent U-Net, saved as a whole "
               "StableDiffusionPipeline (chapter 5).",
     ),
-    "tiny_clip_judge": Recipe(
-        name="tiny_clip_judge",
-        model="tiny_clip",
-        model_kwargs={},
-        data="shapes",
-        kind="clip",
-        data_kwargs={"n": 6000, "size": 32, "seed": 21},
-        train_kwargs={"steps": 300, "batch_size": 128, "lr": 2e-3, "ema_decay": None, "warmup_steps": 50,
-                      "seed": 5},
-        notes="tiny_clip's recipe with other initial weights and other images: an independent CLIP "
-              "judge for the circularity test of chapter 10.",
-    ),
     "digits_unet_16": Recipe(
         name="digits_unet_16",
         model="digits_unet",
@@ -180,6 +168,13 @@ RECIPES: dict[str, Recipe] = {
               "colour, size and position words left out (section 10.2, bias amplification).",
     ),
 }
+
+# An independent CLIP judge for chapter 10's circularity test: tiny_clip's recipe with other
+# initial weights and other images.
+RECIPES["tiny_clip_judge"] = replace(
+    RECIPES["tiny_clip"], name="tiny_clip_judge", data_kwargs={**RECIPES["tiny_clip"].data_kwargs, "seed": 21},
+    train_kwargs={**RECIPES["tiny_clip"].train_kwargs, "seed": 5},
+    notes="tiny_clip's recipe with other initial weights and other images (chapter 10).")
 
 
 def build(name: str):
