@@ -13,6 +13,7 @@ import torch
 from helpers.core import append_dims
 
 __all__ = [
+    "ClassGuided",
     "PREDICTION_TYPES",
     "classifier_free_guidance",
     "ddim_invert",
@@ -267,6 +268,40 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, g
 # --- DDIM (Song, Meng & Ermon 2021) ---------------------------------------------------------
 # The same trained eps-network, a different reverse process: eq. 12 of the paper jumps between
 # any two timesteps, with a noise level sigma chosen by eta (0: deterministic, 1: DDPM's).
+
+
+class ClassGuided(torch.nn.Module):
+    """A class-conditional denoiser with classifier-free guidance inside (chapter 4).
+
+    ``ClassGuided(model, labels, w, null_label)(x, t)`` is
+    ``eps(x, t, null) + w * (eps(x, t, labels) - eps(x, t, null))``, computed as one call on
+    the doubled batch ``[null; labels]``, so the samplers (``ddpm_sample``, ``ddim_sample``) run it
+    unchanged. At ``w = 0`` (the unconditional model) and ``w = 1`` (the conditional one) it makes
+    one plain call, as diffusers' pipelines skip guidance at ``guidance_scale <= 1``.
+    """
+
+    def __init__(self, model, labels: torch.Tensor, w: float, null_label: int):
+        super().__init__()
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"labels must be a 1-D integer tensor of class labels; got {labels.dtype} {tuple(labels.shape)}")
+        if not isinstance(null_label, int) or isinstance(null_label, bool):
+            raise ValueError(f"null_label must be an int (the dropped-label class); got {null_label!r}")
+        if not isinstance(w, (int, float)) or isinstance(w, bool):
+            raise ValueError(f"w must be a number (the guidance scale); got {w!r}")
+        self.model, self.labels, self.w, self.null_label = model, labels, float(w), null_label
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if len(x) != len(self.labels):
+            raise ValueError(f"x has {len(x)} samples for {len(self.labels)} labels")
+        labels = self.labels.to(x.device)
+        null = torch.full_like(labels, self.null_label)
+        if self.w in (0.0, 1.0):
+            return denoise(self.model, x, t, class_labels=null if self.w == 0 else labels)
+        t = torch.as_tensor(t, device=x.device)
+        t_in = torch.cat([t, t]) if t.ndim == 1 else t
+        eps_uncond, eps_cond = denoise(self.model, torch.cat([x, x]), t_in, class_labels=torch.cat([null, labels])).chunk(2)
+        return classifier_free_guidance(eps_uncond, eps_cond, self.w)
 
 
 def _check_int(value, name: str) -> int:

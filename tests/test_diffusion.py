@@ -112,3 +112,29 @@ def test_classifier_free_guidance_matches_the_notes_table_and_both_conventions()
                                (1 + w_paper) * cond - w_paper * uncond)
     with pytest.raises(ValueError, match="same shape"):
         D.classifier_free_guidance(uncond, cond[:2], 2.0)
+
+
+def test_class_guided_is_cfg_on_the_doubled_batch_and_one_call_at_w_0_and_1():
+    """ClassGuided equals the two-call CFG formula, and at w = 0, 1 the plain unconditional/conditional call."""
+    torch.manual_seed(0)
+    model = helpers.models.digits_unet(widths=(16, 32), attention=False, num_class_embeds=11).eval()
+    x, t, labels = torch.randn(6, 1, 8, 8), torch.full((6,), 400), torch.tensor([0, 1, 2, 3, 4, 5])
+    null = torch.full_like(labels, 10)
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    with torch.no_grad():
+        eps_u, eps_c = D.denoise(model, x, t, class_labels=null), D.denoise(model, x, t, class_labels=labels)
+        calls.clear()
+        guided = D.ClassGuided(model, labels, 3.0, null_label=10)(x, t)
+        assert calls == [12], "one call on the doubled batch"
+        torch.testing.assert_close(guided, eps_u + 3.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
+        calls.clear()
+        torch.testing.assert_close(D.ClassGuided(model, labels, 0, null_label=10)(x, t), eps_u)
+        torch.testing.assert_close(D.ClassGuided(model, labels, 1.0, null_label=10)(x, t), eps_c)
+        assert calls == [6, 6], "w = 0 and w = 1 need no guidance: one plain call each"
+    with pytest.raises(ValueError, match="labels"):
+        D.ClassGuided(model, labels.float(), 2.0, null_label=10)
+    with pytest.raises(ValueError, match="null_label"):
+        D.ClassGuided(model, labels, 2.0, null_label=10.0)
+    with pytest.raises(ValueError, match="x has 5 samples"):
+        D.ClassGuided(model, labels, 2.0, null_label=10)(x[:5], t[:5])
