@@ -35,8 +35,10 @@ _diffusers.utils.logging.disable_progress_bar()
 _transformers.utils.logging.disable_progress_bar()
 _hub.utils.disable_progress_bars()
 
-from helpers import control, diffusion, edm, flow, mmdit, models, plot, score, text, training, video, zoo  # noqa: E402, F401  (helpers.training etc.)
+from helpers import alt_text, control, diffusion, edm, flow, mmdit, models, plot, score, text, training, video, zoo  # noqa: E402, F401  (helpers.training etc.)
 from helpers.core import append_dims, get_device, seed_everything
+
+alt_text.enable()  # in a notebook, every figure carries a description of itself (its page's alt text)
 from helpers.data import (
     PHOTOS,
     Shapes,

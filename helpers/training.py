@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -108,6 +109,14 @@ def diffusion_objective(
     return loss
 
 
+def live_progress_bar() -> bool:
+    """Whether training draws a live bar: yes, unless ``COURSE_PROGRESS`` is ``summary``."""
+    mode = os.environ.get("COURSE_PROGRESS", "bar")
+    if mode not in ("bar", "summary"):
+        raise ValueError(f"COURSE_PROGRESS must be 'bar' or 'summary'; got {mode!r}")
+    return mode == "bar"
+
+
 def train(
     model: torch.nn.Module,
     data: torch.Tensor | tuple[torch.Tensor, ...],
@@ -133,6 +142,10 @@ def train(
     ``grad_clip``, steps AdamW (linear warm-up, then a constant rate) and updates the EMA.
     ``snapshot_every`` (steps) keeps copies of the EMA weights to measure quality against
     training time. Seeded and deterministic on the CPU for a step budget.
+
+    ``progress``: a live bar while training, then one summary line (steps, seconds, final
+    loss). Where ``COURSE_PROGRESS=summary`` (as ``tools/build.py`` sets for the pages) only
+    the summary line is printed, so a published page carries no bar's hundreds of redraws.
     """
     if (steps is None) == (seconds is None):
         raise ValueError("give exactly one budget: steps=... or seconds=...")
@@ -158,8 +171,8 @@ def train(
     losses, snapshots = [], []
     start = time.perf_counter()
     total = steps if steps is not None else None
-    bar = tqdm(total=total, disable=not (progress and accelerator.is_local_main_process), mininterval=2.0,
-               desc="training", unit="step")
+    report = progress and accelerator.is_local_main_process
+    bar = tqdm(total=total, disable=not report or not live_progress_bar(), mininterval=2.0, desc="training", unit="step")
     model.train()
     step = 0
     while True:
@@ -189,7 +202,12 @@ def train(
             source = ema if ema is not None else accelerator.unwrap_model(model)
             snapshots.append((step, time.perf_counter() - start, copy.deepcopy(source.state_dict())))
     bar.close()
+    seconds_taken = time.perf_counter() - start
+    if report:
+        last = losses[-50:]
+        final = f", final loss {sum(last) / len(last):.4f} (mean of the last {len(last)} steps)" if last else ""
+        print(f"training: {step} steps in {seconds_taken:.0f} s{final}", flush=True)
     model.eval()
     if ema is not None:
         ema.eval()
-    return TrainResult(accelerator.unwrap_model(model), ema, losses, step, time.perf_counter() - start, snapshots)
+    return TrainResult(accelerator.unwrap_model(model), ema, losses, step, seconds_taken, snapshots)

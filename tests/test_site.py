@@ -84,6 +84,8 @@ def loaded(browser, server, site_dir):
         page.evaluate("window.MathJax && MathJax.startup ? MathJax.startup.promise : null")
         record["url"] = page.url
         record["images"] = page.evaluate("Array.from(document.images).map(i => [i.src.slice(0, 80), i.complete && i.naturalWidth > 0])")
+        record["alts"] = page.evaluate("Array.from(document.querySelectorAll('article img')).map(i => [i.getAttribute('src'), i.getAttribute('alt')])")
+        record["stderr"] = page.evaluate("Array.from(document.querySelectorAll('.output.stderr')).map(o => o.innerText)")
         record["math_nodes"] = page.locator(".math").count()
         record["math_unrendered"] = page.evaluate("Array.from(document.querySelectorAll('.math')).filter(m => !m.querySelector('mjx-container')).length")
         record["math_errors"] = page.locator("mjx-merror").count()
@@ -127,6 +129,50 @@ def test_every_image_loads(loaded):
         assert not broken, f"{rel}: images that did not load {broken}"
     chapter = loaded["chapters/01_forward_process.html"]
     assert len(chapter["images"]) >= 6, "chapter 1 shows its figures"
+
+
+def test_every_figure_says_what_it_shows(loaded):
+    """A screen reader reads an image's alt text: a description, not nothing and not a file name."""
+    file_name = re.compile(r"^[\w./-]*\.(png|jpe?g|gif|svg)$|^[0-9a-f]{32,}", re.I)
+    for rel, rec in loaded.items():
+        bad = [(src, alt) for src, alt in rec["alts"] if not alt or not alt.strip() or file_name.search(alt.strip())]
+        assert not bad, f"{rel}: {len(bad)} of {len(rec['alts'])} images without a description, e.g. {bad[:2]}"
+    chapter = loaded["chapters/01_forward_process.html"]["alts"]
+    assert any("against" in alt for _, alt in chapter), "plots are described by their axes"
+
+
+MAX_STDERR_LINES = 5
+
+
+def test_pages_show_no_progress_bars_or_other_stderr_spam(loaded):
+    """Training prints one summary line on a page; a live bar's redraws belong to interactive use."""
+    for rel, rec in loaded.items():
+        lines = [line for block in rec["stderr"] for line in block.splitlines() if line.strip()]
+        assert len(lines) <= MAX_STDERR_LINES, (
+            f"{rel}: {len(rec['stderr'])} stderr blocks, {len(lines)} lines, e.g. {lines[:3]}")
+
+
+PHONE_WIDTH = 390  # px: a common phone's CSS width
+
+
+def test_pages_fit_a_phone_width(browser, server, site_dir):
+    """At a phone's width no page scrolls sideways: wide tables, maths and figures scroll in their own box."""
+    page = browser.new_page(viewport={"width": PHONE_WIDTH, "height": 844})
+    try:
+        overflowing = {}
+        for rel in site_pages(site_dir):
+            page.goto(f"{server}/{rel}", wait_until="networkidle")
+            page.evaluate("window.MathJax && MathJax.startup ? MathJax.startup.promise : null")
+            width = page.evaluate("document.documentElement.scrollWidth")
+            if width > PHONE_WIDTH + 1:
+                culprits = page.evaluate(
+                    """w => Array.from(document.querySelectorAll('article *')).filter(e => e.getBoundingClientRect().right > w + 1
+                           && getComputedStyle(e.parentElement).overflowX === 'visible').slice(0, 3)
+                           .map(e => e.tagName + '.' + e.className)""", PHONE_WIDTH)
+                overflowing[rel] = (width, culprits)
+        assert not overflowing, f"pages wider than {PHONE_WIDTH} px: {overflowing}"
+    finally:
+        page.close()
 
 
 def test_maths_is_rendered_by_the_vendored_mathjax(loaded):

@@ -42,6 +42,32 @@ def test_ema_follows_the_weights_with_warm_up():
     assert not torch.equal(next(run.ema.parameters()), next(run.model.parameters()))
 
 
+def test_a_page_gets_one_summary_line_and_no_bar(capsys, monkeypatch):
+    """COURSE_PROGRESS=summary (the build's setting): stdout has one line, stderr no bar's redraws."""
+    x0 = torch.randn(64, 1, 8, 8)
+    model = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def loss(m, x):
+        return (m(x) - x).pow(2).mean()
+
+    monkeypatch.setenv("COURSE_PROGRESS", "summary")
+    run = training.train(model, x0, loss, steps=60, batch_size=8, ema_decay=None, warmup_steps=1)
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and out.startswith("training: 60 steps in "), out
+    mean = sum(run.losses[-50:]) / 50
+    assert f"final loss {mean:.4f}" in out
+    assert "training" not in err and "step/s" not in err, err
+    monkeypatch.setenv("COURSE_PROGRESS", "bar")
+    training.train(model, x0, loss, steps=5, batch_size=8, ema_decay=None, warmup_steps=1)
+    out, err = capsys.readouterr()
+    assert "training:" in err, "interactive use keeps the live bar"
+    training.train(model, x0, loss, steps=5, batch_size=8, ema_decay=None, warmup_steps=1, progress=False)
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("COURSE_PROGRESS", "quiet")
+    with pytest.raises(ValueError, match="COURSE_PROGRESS"):
+        training.train(model, x0, loss, steps=5, batch_size=8, ema_decay=None)
+
+
 def test_train_rejects_bad_budgets():
     model = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="budget"):

@@ -126,7 +126,8 @@ def execute(pairs: list[tuple[Path, Path]], parameters: dict, jobs: int) -> dict
     Returns ``{"jobs", "threads", "wall_seconds", "notebooks": [timing rows in course order]}``.
     A failed notebook stops the build once the ones already running have finished.
     """
-    env_note = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # Offline; and training prints one summary line, not a live bar's redraws, on the pages.
+    env_note = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COURSE_PROGRESS": "summary"}
     os.environ.update(env_note)
     os.environ.setdefault("COURSE_CACHE", str(BUILD / "cache"))  # helpers.zoo: retrained by a clean build
     threads = threads_per_job(jobs)
@@ -204,6 +205,8 @@ def stage_site() -> None:
     for nb in (EXECUTED / "chapters").glob("*.ipynb"):
         shutil.copy(nb, SITE_SRC / "chapters" / nb.name)
     shutil.copytree(ROOT / "assignments", SITE_SRC / "assignments")
+    (SITE_SRC / "_ext").mkdir()
+    shutil.copy(ROOT / "tools" / "sphinx_alt_text.py", SITE_SRC / "_ext" / "sphinx_alt_text.py")  # figures' alt text
     vendor_javascript()
 
 
