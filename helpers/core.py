@@ -15,7 +15,8 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
     """Return a torch device: ``"auto"`` (or None) picks CUDA, then MPS, then CPU.
 
     Any other value is passed to ``torch.device`` so a papermill parameter such as
-    ``device="cuda:1"`` works unchanged.
+    ``device="cuda:1"`` works unchanged; a device this machine does not have is a clear
+    ``ValueError`` naming it, not an error from deep inside torch later.
     """
     if device is None or device == "auto":
         if torch.cuda.is_available():
@@ -24,11 +25,17 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(
             f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {device!r}"
         ) from err
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {str(chosen)!r} is not available here ({torch.cuda.device_count()} CUDA devices); "
+                         "use 'cpu' or 'auto'")
+    if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' is not available here; use 'cpu' or 'auto'")
+    return chosen
 
 
 def seed_everything(seed: int = 0) -> torch.Generator:

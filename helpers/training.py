@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from helpers.core import append_dims, seed_everything
+from helpers.core import append_dims, get_device, seed_everything
 from helpers.diffusion import diffusion_loss, q_sample
 
 __all__ = ["TrainResult", "conditioned_batches", "diffusion_objective", "ema_update", "train"]
@@ -132,6 +132,7 @@ def train(
     grad_clip: float | None = 1.0,
     seed: int = 0,
     cpu: bool = False,
+    device: str | torch.device | None = None,
     snapshot_every: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
@@ -142,6 +143,10 @@ def train(
     ``grad_clip``, steps AdamW (linear warm-up, then a constant rate) and updates the EMA.
     ``snapshot_every`` (steps) keeps copies of the EMA weights to measure quality against
     training time. Seeded and deterministic on the CPU for a step budget.
+
+    ``device``: where the model, data and EMA live (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``,
+    ``"auto"``); unset, accelerate chooses (the GPU if any, or each process's own under
+    ``accelerate launch``). ``cpu=True`` is ``device="cpu"``.
 
     ``progress``: a live bar while training, then one summary line (steps, seconds, final
     loss). Where ``COURSE_PROGRESS=summary`` (as ``tools/build.py`` sets for the pages) only
@@ -158,7 +163,15 @@ def train(
     if any(len(x) != n for x in tensors):
         raise ValueError("every tensor in data must have the same length")
 
+    if device is not None:
+        device = get_device(device)  # a clear error for a device this machine lacks
+        cpu = cpu or device.type == "cpu"
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # accelerate's single-process "cuda" is the current device
     accelerator = Accelerator(cpu=cpu)
+    if device is not None and accelerator.device.type != device.type:
+        raise ValueError(f"device {str(device)!r} was asked for, but accelerate placed the run on "
+                         f"{str(accelerator.device)!r}; launch without accelerate's device settings or pass device=None")
     seed_everything(seed + accelerator.process_index)
     ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -68,6 +68,26 @@ def test_a_page_gets_one_summary_line_and_no_bar(capsys, monkeypatch):
         training.train(model, x0, loss, steps=5, batch_size=8, ema_decay=None)
 
 
+def test_the_device_parameter_places_the_run_and_a_missing_device_is_named(monkeypatch):
+    """device='cpu' keeps every tensor the loss sees on the CPU, even where a GPU is visible."""
+    seen = set()
+
+    def loss(m, x):
+        seen.update({x.device.type, *(p.device.type for p in m.parameters())})
+        return (m(x) - x).pow(2).mean()
+
+    run = training.train(torch.nn.Conv2d(1, 1, 3, padding=1), torch.randn(16, 1, 8, 8), loss, steps=3,
+                         batch_size=4, device="cpu", progress=False)
+    assert seen == {"cpu"} and {p.device.type for p in run.ema.parameters()} == {"cpu"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for missing in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device '{missing}' is not available"):
+            training.train(torch.nn.Conv2d(1, 1, 3), torch.randn(16, 1, 8, 8), loss, steps=1, device=missing)
+    with pytest.raises(ValueError, match="device must be"):
+        helpers.get_device("gpu")
+
+
 def test_train_rejects_bad_budgets():
     model = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="budget"):
