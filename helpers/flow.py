@@ -18,6 +18,7 @@ optionally shifted towards the noisy end (SD3's ``shift``:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -36,6 +37,11 @@ __all__ = [
     "flow_sigmas",
     "flow_time",
     "flow_velocity",
+    "MODE_SCALE_RANGE",
+    "logit_normal_density",
+    "mode_density",
+    "mode_sample",
+    "sample_logit_normal",
     "shift_sigmas",
 ]
 
@@ -142,6 +148,104 @@ def shift_sigmas(sigmas, shift: float):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+# --- where training spends its times: SD3's samplers of t (Esser et al. 2024, sec. 3.1) ----------
+
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))  # f_mode is decreasing (invertible) exactly for s in this range
+
+
+def _check_count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive int (how many times to draw); got {n!r}")
+    return int(n)
+
+
+def _check_logit_normal(m, s) -> None:
+    if not math.isfinite(m):
+        raise ValueError(f"m (the location of logit t) must be a finite number; got {m!r}")
+    if not (s > 0 and math.isfinite(s)):
+        raise ValueError(f"s (the scale of logit t) must be positive; got {s!r}")
+
+
+def _check_mode_scale(s) -> None:
+    lo, hi = MODE_SCALE_RANGE
+    if not lo <= s <= hi:
+        raise ValueError(f"s (the mode sampler's scale) must lie in [-1, 2/(pi - 2)] = [{lo}, {hi:.4f}], "
+                         f"where f_mode is invertible; got {s!r}")
+
+
+def _unit_interval(t, name: str = "t") -> torch.Tensor:
+    t = torch.as_tensor(t)
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    if t.numel() and (bool(torch.isnan(t).any()) or t.min() < 0 or t.max() > 1):
+        raise ValueError(f"{name} must lie in [0, 1]; got values in [{float(t.min()):.3g}, {float(t.max()):.3g}]")
+    return t
+
+
+def sample_logit_normal(n: int, m: float = 0.0, s: float = 1.0, generator: torch.Generator | None = None,
+                        device: str | torch.device | None = None) -> torch.Tensor:
+    """``n`` times ``t = sigmoid(m + s * z)``, ``z ~ N(0, 1)``: SD3's logit-normal sampler, ``(n,)`` float32.
+
+    ``m = 0, s = 1`` is what :func:`flow_objective` draws for ``t_sampling="logit_normal"`` (the
+    same random numbers: it calls this function). Its density is :func:`logit_normal_density`.
+    """
+    n = _check_count(n)
+    _check_logit_normal(m, s)
+    return torch.sigmoid(m + s * torch.randn(n, generator=generator, device=device))
+
+
+def logit_normal_density(t, m: float = 0.0, s: float = 1.0) -> torch.Tensor:
+    """``p(t) = 1 / (s sqrt(2 pi)) * 1 / (t (1 - t)) * exp(-(logit(t) - m)^2 / (2 s^2))`` on [0, 1].
+
+    The density of :func:`sample_logit_normal` (Esser et al. 2024, sec. 3.1): a normal density
+    in ``logit(t) = log(t / (1 - t))`` times ``d logit(t) / dt = 1 / (t (1 - t))``. It is 0 at
+    ``t = 0`` and ``t = 1`` (the limit).
+    """
+    _check_logit_normal(m, s)
+    t = _unit_interval(t)
+    inside = (t > 0) & (t < 1)
+    tc = torch.where(inside, t, torch.full_like(t, 0.5))  # keep the log finite at the ends
+    logit = torch.log(tc) - torch.log1p(-tc)
+    p = torch.exp(-((logit - m) ** 2) / (2 * s**2)) / (s * math.sqrt(2 * math.pi) * tc * (1 - tc))
+    return torch.where(inside, p, torch.zeros_like(p))
+
+
+def _f_mode(u: torch.Tensor, s: float) -> torch.Tensor:
+    return 1 - u - s * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+
+
+def mode_sample(n: int, s: float, generator: torch.Generator | None = None,
+                device: str | torch.device | None = None) -> torch.Tensor:
+    """``n`` times ``t = f_mode(u; s) = 1 - u - s (cos^2(pi u / 2) - 1 + u)``, ``u ~ U(0, 1)``, ``(n,)`` float32.
+
+    SD3's "mode" sampler (Esser et al. 2024, sec. 3.1): ``s = 0`` is uniform; ``s > 0`` piles the
+    times up in the middle and ``s < 0`` at the ends, while the density stays positive at both
+    ends (heavier tails than the logit-normal's, which vanishes there). ``s`` must lie in
+    ``[-1, 2 / (pi - 2)]``, where ``f_mode`` is decreasing. Its density is :func:`mode_density`.
+    The same numbers as diffusers' ``compute_density_for_timestep_sampling("mode", ...)``.
+    """
+    n = _check_count(n)
+    _check_mode_scale(s)
+    return _f_mode(torch.rand(n, generator=generator, device=device), s)
+
+
+def mode_density(t, s: float) -> torch.Tensor:
+    """The density of :func:`mode_sample`: ``p(t) = 1 / |f_mode'(u)|`` at ``u = f_mode^{-1}(t)``.
+
+    ``f_mode'(u) = -1 - s + s (pi / 2) sin(pi u)``; the inverse is found by bisection (``f_mode``
+    is decreasing for the allowed ``s``), in float64. At ``s = 2 / (pi - 2)`` the density is
+    infinite at ``t = 1/2``.
+    """
+    _check_mode_scale(s)
+    t = _unit_interval(t).to(torch.float64)
+    lo, hi = torch.zeros_like(t), torch.ones_like(t)
+    for _ in range(60):  # f_mode(lo) >= t >= f_mode(hi); halve [lo, hi] to float64 resolution
+        mid = (lo + hi) / 2
+        right = _f_mode(mid, s) > t
+        lo, hi = torch.where(right, mid, lo), torch.where(right, hi, mid)
+    u = (lo + hi) / 2
+    return 1 / (1 + s - s * (math.pi / 2) * torch.sin(math.pi * u))
+
+
 def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
     """The ``num_steps + 1`` sigmas (times) an Euler sampler visits, from 1 down to a final 0.
 
@@ -204,7 +308,7 @@ def flow_objective(
         if t_sampling == "uniform":
             t = torch.rand(len(x0), device=x0.device)
         else:
-            t = torch.sigmoid(torch.randn(len(x0), device=x0.device))
+            t = sample_logit_normal(len(x0), device=x0.device)  # sigmoid(N(0, 1)): the same draws as before
         noise = torch.randn_like(x0)
         xt = flow_interpolate(x0, noise, t)
         out = forward(model, xt, t * timestep_scale, **cond)

@@ -236,3 +236,114 @@ def test_convert_names_its_bad_arguments():
         flow.convert(x, "epsilon", "sample", torch.zeros(3), 0.5, 0.5)
     with pytest.raises(ValueError, match="sigma > 0"):
         flow.convert(x, "epsilon", "sample", x, 1.0, 0.0)
+
+
+# --- SD3's samplers of t: logit-normal and mode (Esser et al. 2024, sec. 3.1) -------------------
+
+def _cdf_from_density(density, grid):
+    """The CDF on ``grid`` by the trapezoid rule: what a density promises about its samples."""
+    p = density(grid)
+    return torch.cat([torch.zeros(1, dtype=p.dtype), torch.cumulative_trapezoid(p, grid)])
+
+
+def _ks(samples, grid, cdf):
+    """Kolmogorov-Smirnov distance between the samples' empirical CDF and ``cdf``, both on ``grid``."""
+    empirical = torch.searchsorted(samples.double().sort().values, grid, right=True) / len(samples)
+    return (empirical - cdf).abs().max().item()
+
+
+@pytest.mark.parametrize("m, s", [(0.0, 1.0), (0.5, 0.6), (-1.0, 2.0)])
+def test_logit_normal_sampler_equals_diffusers_and_its_density_is_a_transformed_normal(m, s):
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    ours = flow.sample_logit_normal(1000, m, s, generator=torch.Generator().manual_seed(0))
+    theirs = compute_density_for_timestep_sampling("logit_normal", 1000, logit_mean=m, logit_std=s,
+                                                   generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, theirs)
+    # The density is N(m, s^2) pushed through the sigmoid: torch's own change of variables.
+    ref = torch.distributions.TransformedDistribution(torch.distributions.Normal(torch.tensor(m, dtype=torch.float64),
+                                                                                 torch.tensor(s, dtype=torch.float64)),
+                                                      [torch.distributions.transforms.SigmoidTransform()])
+    t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    torch.testing.assert_close(flow.logit_normal_density(t, m, s), ref.log_prob(t).exp(), rtol=1e-10, atol=1e-12)
+    grid = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    cdf = _cdf_from_density(lambda x: flow.logit_normal_density(x, m, s), grid)
+    assert abs(cdf[-1].item() - 1) < 1e-6  # a density: it integrates to 1
+    big = flow.sample_logit_normal(40_000, m, s, generator=torch.Generator().manual_seed(1))
+    assert _ks(big, grid, cdf) < 1.63 / 40_000**0.5  # within the KS test's 1 % critical value
+
+
+def test_flow_objective_draws_its_logit_normal_times_with_sample_logit_normal():
+    torch.manual_seed(3)
+    expected = torch.sigmoid(torch.randn(5))  # what flow_objective drew before the helper existed
+    torch.manual_seed(3)
+    torch.testing.assert_close(flow.sample_logit_normal(5), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("s", [-1.0, -0.5, 0.0, 1.29, 2 / (torch.pi - 2)])
+def test_mode_sampler_equals_diffusers(s):
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    ours = flow.mode_sample(1000, s, generator=torch.Generator().manual_seed(0))
+    theirs = compute_density_for_timestep_sampling("mode", 1000, mode_scale=s, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, theirs)
+    assert ours.min() >= 0 and ours.max() <= 1
+
+
+@pytest.mark.parametrize("s", [-0.5, 0.5, 1.29])  # inside the range: at its ends the density is infinite somewhere
+def test_mode_density_is_the_density_of_the_mode_sampler(s):
+    grid = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    p = flow.mode_density(grid, s)
+    torch.testing.assert_close(p, p.flip(0), rtol=1e-9, atol=1e-9)  # f_mode(1 - u) = 1 - f_mode(u): symmetric
+    # Change of variables, directly: t = f(u) has density 1 / |f'(u)| at t, with f' by autograd.
+    u = torch.rand(50, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    f = 1 - u - s * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
+    (df,) = torch.autograd.grad(f.sum(), u)
+    torch.testing.assert_close(flow.mode_density(f.detach(), s), 1 / df.abs(), rtol=1e-8, atol=1e-10)
+    cdf = _cdf_from_density(lambda x: flow.mode_density(x, s), grid)
+    assert abs(cdf[-1].item() - 1) < 1e-6
+    big = flow.mode_sample(40_000, s, generator=torch.Generator().manual_seed(1))
+    assert _ks(big, grid, cdf) < 1.63 / 40_000**0.5
+
+
+def test_mode_with_zero_scale_is_uniform():
+    u = torch.rand(7, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(flow.mode_sample(7, 0.0, generator=torch.Generator().manual_seed(4)), 1 - u)
+    torch.testing.assert_close(flow.mode_density(torch.linspace(0, 1, 11), 0.0), torch.ones(11, dtype=torch.float64))
+
+
+def test_samplers_of_t_name_their_bad_arguments():
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        flow.sample_logit_normal(0)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        flow.mode_sample(2.5, 1.0)
+    with pytest.raises(ValueError, match="s \\(the scale of logit t\\)"):
+        flow.sample_logit_normal(4, 0.0, 0.0)
+    with pytest.raises(ValueError, match="m \\(the location"):
+        flow.logit_normal_density(0.5, float("nan"))
+    with pytest.raises(ValueError, match="t must lie in \\[0, 1\\]"):
+        flow.logit_normal_density(torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="mode sampler's scale"):
+        flow.mode_sample(4, 2.0)  # f_mode is no longer monotone: not a distribution on [0, 1]
+    with pytest.raises(ValueError, match="mode sampler's scale"):
+        flow.mode_density(0.5, -1.5)
+    with pytest.raises(ValueError, match="t must lie in \\[0, 1\\]"):
+        flow.mode_density(-0.1, 1.0)
+
+
+# --- SD3's shift: one map of t, a constant offset of the log-SNR ------------------------------
+
+@pytest.mark.parametrize("shift", [0.5, 2.0, 3.0])
+def test_shift_is_diffusers_map_and_moves_log_snr_by_a_constant(shift):
+    # diffusers applies the same map to its training grid ...
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    grid = torch.from_numpy(__import__("numpy").linspace(1, 1000, 1000, dtype="float32")[::-1].copy()) / 1000
+    torch.testing.assert_close(sched.sigmas, flow.shift_sigmas(grid, shift))
+    # ... and to any sigmas it is given.
+    sched.set_timesteps(sigmas=[0.9, 0.5, 0.1])
+    torch.testing.assert_close(sched.sigmas[:-1], flow.shift_sigmas(torch.tensor([0.9, 0.5, 0.1]), shift))
+    # On the straight path SNR = ((1 - t) / t)^2, so the shift divides it by shift^2 at every t.
+    t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    log_snr = lambda x: 2 * torch.log((1 - x) / x)
+    torch.testing.assert_close(log_snr(flow.shift_sigmas(t, shift)) - log_snr(t),
+                               torch.full_like(t, -2 * __import__("math").log(shift)), rtol=0, atol=1e-12)
