@@ -46,7 +46,7 @@ book: setup system
 	$(PY) tools/build.py
 
 test: book
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 grade: setup
 	$(PY) tools/grade.py $(ASSIGNMENT)

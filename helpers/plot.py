@@ -8,6 +8,7 @@ ipywidgets slider (:func:`timestep_slider`) does the same job interactively.
 from __future__ import annotations
 
 import re
+from html import escape
 from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
@@ -137,7 +138,8 @@ def player(frames: torch.Tensor, titles: Sequence[str] | None = None, interval: 
     anim = animation.FuncAnimation(fig, update, frames=len(shown), interval=interval, blit=False)
     html = anim.to_jshtml(default_mode="once")
     plt.close(fig)
-    return _offline(html)
+    alt = f"An animation of {len(shown)} frames" + (f", from '{titles[0]}' to '{titles[-1]}'" if titles else "")
+    return _offline(html, alt)
 
 
 # matplotlib's player links Font Awesome from a CDN for its button icons; the course's pages
@@ -149,7 +151,9 @@ _GLYPHS = {
 }  # fmt: skip
 
 
-def _offline(html: str) -> str:
+def _offline(html: str, alt: str = "An animation") -> str:
+    """No CDN links (plain glyphs for the buttons), and the frame's ``<img>`` says what it plays."""
+    html = html.replace("<img id=", f'<img alt="{escape(alt, quote=True)}" id=', 1)
     html = re.sub(r'<link rel="stylesheet"\s+href="https?://[^"]*font-awesome[^"]*">', "", html)
     html = html.replace('<i class="fa fa-play fa-flip-horizontal"></i>', "\u25C0")
     return re.sub(

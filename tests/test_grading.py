@@ -327,6 +327,103 @@ VIDEO_PATCHES = Assignment(
     loops=("attention_cost", "test_attention_cost"),
 )
 
+UNET_PARTS = Assignment(
+    name="unet_parts",
+    mistakes={
+        "embedding_shift_ignored": (  # 10000^(-i / half) whatever the shift: only UNet2DModel's convention comes out right
+            ("timestep_embedding", "(exponent / (half - downscale_freq_shift)).exp()", "(exponent / half).exp()"),
+            {"test_timestep_embedding"}),
+        "embedding_flip_inverted": (  # sines first when flip_sin_to_cos asks for the cosines first
+            ("timestep_embedding", "    if flip_sin_to_cos:\n", "    if not flip_sin_to_cos:\n"),
+            {"test_timestep_embedding"}),
+        "embedding_frequencies_over_dim": (  # spreads the frequencies over dim instead of dim / 2: half of them are lost
+            ("timestep_embedding", "(exponent / (half - downscale_freq_shift)).exp()",
+             "(exponent / (dim - downscale_freq_shift)).exp()"),
+            {"test_timestep_embedding"}),
+        "shift_after_norm": (  # norm2(h) + tau: the shift added after the norm, as scale_shift does it
+            ("time_modulation", "return norm(h + tau)  # added before the norm", "return norm(h) + tau"),
+            {"test_time_modulation_shift"}),
+        "temb_without_silu": (  # time_emb_proj(temb): ResnetBlock2D applies its nonlinearity first
+            ("time_modulation", "tau = proj(F.silu(temb))", "tau = proj(temb)"),
+            {"test_time_modulation_shift", "test_time_modulation_scale_shift"}),
+        "scale_not_one_plus": (  # norm2(h) * scale + shift: an untrained projection wipes the features out
+            ("time_modulation", "norm(h) * (1 + scale) + shift", "norm(h) * scale + shift"),
+            {"test_time_modulation_scale_shift"}),
+        "scale_shift_halves_swapped": (  # the shift first: not how diffusers splits time_emb_proj's output
+            ("time_modulation", "scale, shift = tau.chunk(2, dim=1)", "shift, scale = tau.chunk(2, dim=1)"),
+            {"test_time_modulation_scale_shift"}),
+        "conv_bias_forgotten": (  # counts the weight only
+            ("conv2d_params", "return weights + (c_out if bias else 0)", "return weights"),
+            {"test_conv2d_params", "test_resnet_block_params"}),  # the block's count uses conv2d_params by design
+        "norm_per_group": (  # a scale and a shift per group instead of per channel
+            ("group_norm_params", "return 2 * num_channels if affine else 0", "return 2 * num_groups if affine else 0"),
+            {"test_group_norm_params", "test_resnet_block_params"}),
+        "keys_from_the_query_width": (  # to_k and to_v read query_dim even in cross-attention
+            ("attention_params", "kv_dim = query_dim if cross_attention_dim is None else cross_attention_dim",
+             "kv_dim = query_dim"),
+            {"test_attention_params"}),
+        "out_bias_forgotten": (  # to_out without its bias
+            ("attention_params", "count += inner * query_dim + (query_dim if out_bias else 0)", "count += inner * query_dim"),
+            {"test_attention_params"}),
+        "head_dim_is_channels": (  # every head gets all C channels: heads * C numbers per token
+            ("attention_shapes", "tokens, head_dim = H * W, C // heads", "tokens, head_dim = H * W, C"),
+            {"test_attention_shapes"}),
+    },
+    gutted=("scale_not_one_plus", "test_time_modulation_scale_shift"),
+    deleted=("embedding_flip_inverted", "test_timestep_embedding"),
+    after_markdown="test_timestep_conventions",
+    loops=("attention_shapes", "test_attention_shapes"),
+)
+
+LATENTS = Assignment(
+    name="latents",
+    mistakes={
+        "positions_divided_once": (  # H W / f: forgets that f shrinks both axes
+            ("compression", "latent_positions = (height // f) * (width // f)", "latent_positions = height * width // f"),
+            {"test_compression"}),
+        "latent_has_image_channels": (  # counts 3 channels in the latent
+            ("compression", "latent_positions * latent_channels, pixel_positions", "latent_positions * channels, pixel_positions"),
+            {"test_compression"}),
+        "megabytes_not_mebibytes": (  # divides by 10^6
+            ("memory_saved_mib", "values * bytes_per_value / 2 ** 20", "values * bytes_per_value / 1e6"),
+            {"test_memory_saved"}),
+        "values_not_bytes": (  # forgets that a float32 value takes 4 bytes
+            ("memory_saved_mib", "values * bytes_per_value / 2 ** 20", "values / 2 ** 20"),
+            {"test_memory_saved"}),
+        "pairs_not_squared": (  # counts positions, not query-key pairs
+            ("attention_pairs", "return pixel_positions ** 2, latent_positions ** 2", "return pixel_positions, latent_positions"),
+            {"test_attention_pairs"}),
+        "scale_by_inverse_variance": (  # 1 / var: right only when the std is 1 already
+            ("scaling_factor", "return 1.0 / latents.std().item()", "return 1.0 / latents.var().item()"),
+            {"test_scaling_factor"}),
+        "scale_by_rms": (  # the root mean square, about 0 instead of the mean: wrong for latents with a mean
+            ("scaling_factor", "return 1.0 / latents.std().item()", "return 1.0 / latents.pow(2).mean().sqrt().item()"),
+            {"test_scaling_factor"}),
+        "moments_split_on_the_batch": (  # chunks the batch axis: half the images as means, half as log-variances
+            ("split_moments", "mean, logvar = moments.chunk(2, dim=1)", "mean, logvar = moments.chunk(2, dim=0)"),
+            {"test_split_moments"}),
+        "logvar_unclamped": (  # diffusers clamps to [-30, 20]
+            ("split_moments", "return mean, logvar.clamp(-30.0, 20.0)", "return mean, logvar"),
+            {"test_split_moments"}),
+        "sigma_is_the_variance": (  # exp(logvar) where exp(logvar / 2) belongs
+            ("sample_latent", "mean + logvar.mul(0.5).exp() * eps", "mean + logvar.exp() * eps"),
+            {"test_sample_latent", "test_reparameterisation_gradients"}),
+        "kl_averaged": (  # the mean over the latent's values instead of their sum
+            ("gaussian_kl", "0.5 * per_value.sum(dim=(1, 2, 3))", "0.5 * per_value.mean(dim=(1, 2, 3))"),
+            {"test_gaussian_kl"}),
+        "kl_summed_over_the_batch": (  # one number for the batch, not one per image
+            ("gaussian_kl", "0.5 * per_value.sum(dim=(1, 2, 3))", "0.5 * per_value.sum()"),
+            {"test_gaussian_kl"}),
+        "kl_without_half": (  # forgets the 1/2
+            ("gaussian_kl", "0.5 * per_value.sum(dim=(1, 2, 3))", "per_value.sum(dim=(1, 2, 3))"),
+            {"test_gaussian_kl"}),
+    },
+    gutted=("scale_by_rms", "test_scaling_factor"),
+    deleted=("kl_without_half", "test_gaussian_kl"),
+    after_markdown="test_reparameterisation_gradients",
+    loops=("scaling_factor", "test_scaling_factor"),
+)
+
 EVALUATION = Assignment(
     name="evaluation",
     mistakes={
@@ -362,8 +459,8 @@ EVALUATION = Assignment(
     loops=("watermark_p_value", "test_watermark_p_value"),
 )
 
-ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP, CFG_ARITHMETIC, DDIM_RECONSTRUCTION,
-                                   DIT_FLOW, LORA_CONTROLNET, VIDEO_PATCHES, EVALUATION)}
+ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP, UNET_PARTS, CFG_ARITHMETIC, LATENTS,
+                                   DDIM_RECONSTRUCTION, DIT_FLOW, LORA_CONTROLNET, VIDEO_PATCHES, EVALUATION)}
 MISTAKES = [(a.name, student) for a in ASSIGNMENTS.values() for student in sorted(a.mistakes)]
 
 # Habits the values alone do not show (see check_habits in each assignment's first cell): an
@@ -388,11 +485,35 @@ HABITS = {
         "no_grad": (("simple_loss", "    return ((eps_pred - eps) ** 2).mean()",
                      "    with torch.no_grad():\n        return ((eps_pred - eps) ** 2).mean()"), {"test_simple_loss"}),
     },
+    "unet_parts": {
+        "dtype": (("timestep_embedding", "torch.arange(half, dtype=torch.float32, device=timesteps.device)",
+                   "torch.arange(half, device=timesteps.device)"), {"test_timestep_embedding"}),  # float64 frequencies
+        "in_place": (("time_modulation", "        return norm(h + tau)  # added before the norm",
+                      "        h += tau\n        return norm(h)"), {"test_time_modulation_shift"}),
+        "no_grad": (("time_modulation", "    scale, shift = tau.chunk(2, dim=1)",
+                     "    with torch.no_grad():  # only a modulation\n        scale, shift = tau.chunk(2, dim=1)"),
+                    {"test_time_modulation_scale_shift"}),
+        "float_count": (("attention_shapes", "tokens, head_dim = H * W, C // heads", "tokens, head_dim = H * W, C / heads"),
+                        {"test_attention_shapes"}),  # the right values, as floats
+    },
     "cfg_arithmetic": {
         "in_place": (("cfg_combine", "return eps_uncond + w * (eps_cond - eps_uncond)",
                       "eps_uncond += w * (eps_cond - eps_uncond)\n    return eps_uncond"), {"test_cfg_combine"}),
         "float_count": (("evaluation_budget", "evaluations_per_step = 2 if guided else 1", "evaluations_per_step = 2.0 if guided else 1.0"),
                         {"test_evaluation_budget"}),
+    },
+    "latents": {
+        "float_count": (("compression", "latent_positions = (height // f) * (width // f)",
+                         "latent_positions = (height / f) * (width / f)"), {"test_compression"}),  # the right values, as floats
+        "tensor_not_float": (("scaling_factor", "return 1.0 / latents.std().item()", "return 1.0 / latents.std()"),
+                             {"test_scaling_factor"}),  # a 0-d tensor where the text asks for a Python float
+        "dtype": (("split_moments", "mean, logvar = moments.chunk(2, dim=1)", "mean, logvar = moments.double().chunk(2, dim=1)"),
+                  {"test_split_moments"}),
+        "in_place": (("sample_latent", "return mean + logvar.mul(0.5).exp() * eps", "return eps.mul_(logvar.mul(0.5).exp()).add_(mean)"),
+                     {"test_sample_latent"}),
+        "no_grad": (("gaussian_kl", "    return 0.5 * per_value.sum(dim=(1, 2, 3))",
+                     "    with torch.no_grad():  # a loss term, not a model\n        return 0.5 * per_value.sum(dim=(1, 2, 3))"),
+                    {"test_gaussian_kl"}),
     },
     "ddim_reconstruction": {
         "in_place": (("ddim_step", "x0_pred = (xt - (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_bar_t.sqrt()",
@@ -447,10 +568,32 @@ BORROWED = {
         "predict_x0": "from helpers.diffusion import x0_from_eps\nreturn x0_from_eps(xt, eps, alpha_bar_t)",
         "v_from": "import helpers.diffusion as course\nreturn course.v_from_x0_eps(x0, eps, alpha_bar_t)",
     }, {"test_predict_x0", "test_v_from", "test_round_trips"}),
+    "unet_parts": ({
+        "timestep_embedding": "from diffusers.models.embeddings import get_timestep_embedding\n"
+                              "return get_timestep_embedding(timesteps, dim, flip_sin_to_cos=flip_sin_to_cos,\n"
+                              "                              downscale_freq_shift=downscale_freq_shift, max_period=max_period)",
+        "conv2d_params": "from helpers.models import count_parameters\n"
+                         "return count_parameters(torch.nn.Conv2d(c_in, c_out, kernel_size, bias=bias))",
+        "attention_params": "from diffusers.models.attention_processor import Attention\n"
+                            "layer = Attention(query_dim, heads=heads, dim_head=dim_head, cross_attention_dim=cross_attention_dim,\n"
+                            "                  bias=bias, out_bias=out_bias, norm_num_groups=norm_num_groups)\n"
+                            "return sum(p.numel() for p in layer.parameters())",
+    }, {"test_timestep_embedding", "test_timestep_conventions", "test_conv2d_params", "test_resnet_block_params",
+        "test_attention_params"}),
     "cfg_arithmetic": ({
         "cfg_combine": "from helpers.diffusion import classifier_free_guidance\n"
                        "return classifier_free_guidance(eps_uncond, eps_cond, w)",
     }, {"test_cfg_combine"}),
+    "latents": ({
+        "attention_pairs": "from helpers.video import attention_pairs as pairs\n"
+                           "positions = (height * width, (height // f) * (width // f))\n"
+                           "return tuple(pairs(1, n)['full'] for n in positions)",
+        "sample_latent": "from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution\n"
+                         "dist = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))\n"
+                         "return dist.mean + dist.std * eps",
+        "gaussian_kl": "from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution\n"
+                       "return DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)).kl()",
+    }, {"test_attention_pairs", "test_sample_latent", "test_reparameterisation_gradients", "test_gaussian_kl"}),
     "ddim_reconstruction": ({
         "ddim_timesteps": "from helpers.diffusion import ddim_timesteps as course\nreturn torch.tensor(course(num_steps, T))",
     }, {"test_ddim_timesteps"}),

@@ -220,6 +220,7 @@ def test_timestep_player_is_a_self_contained_animation():
     assert "<script" in html and html.count("data:image/png;base64") == 3
     assert "http://" not in html and "https://" not in html  # plays offline
     assert 'class="fa' not in html  # every icon replaced by a glyph that needs no web font
+    assert '<img alt="An animation of 3 frames, from &#x27;t = 0' in html  # a screen reader says what plays
 
 
 def test_timestep_slider_spans_every_step():

@@ -187,6 +187,7 @@ def vendor_javascript() -> Path:
     shutil.copytree(modules / "mathjax" / "es5", vendor / "mathjax")
     shutil.copy(modules / "requirejs" / "require.js", vendor / "require.js")
     shutil.copy(modules / "@jupyter-widgets" / "html-manager" / "dist" / "embed-amd.js", vendor / "embed-amd.js")
+    shutil.copy(ROOT / "tools" / "course.css", vendor / "course.css")  # the course's own styles (_config.yml)
     return vendor
 
 
