@@ -32,8 +32,11 @@ def set_alt(fig: Figure, text: str) -> Figure:
 
 def _plain(text: str) -> str:
     """Matplotlib's mathtext as words a screen reader can say: '$\\bar\\alpha_t$' -> 'alpha_t'."""
+    text = re.sub(r"(\\[A-Za-z]+)(?=\\)", r"\1 ", text)  # '\sqrt\beta_t' -> 'sqrt beta_t', '\log\mathrm' apart
     text = re.sub(r"\\(mathrm|mathbf|mathit|text|operatorname)\{([^}]*)\}", r"\2", text)
-    text = re.sub(r"\\(bar|hat|tilde)\{?\\?([A-Za-z]+)\}?", r"\2", text)
+    text = re.sub(r"\\(bar|hat|tilde)\s*\{?\\?([A-Za-z]+)\}?", r"\2", text)
+    text = re.sub(r"\\sqrt\{([^}]*)\}", r"sqrt(\1)", text)
+    text = text.replace("\\varepsilon", "epsilon")
     text = text.replace("$", "").replace("\\", "").replace("{", "").replace("}", "")
     return re.sub(r"\s+", " ", text).strip()
 

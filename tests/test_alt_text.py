@@ -39,6 +39,7 @@ def test_a_plot_is_described_by_its_title_axes_and_legend():
     assert text.startswith("Figure: a plot and an image, 'two schedules'."), text
     assert "alpha_t against t" in text and "legend: linear, cosine" in text
     assert "$" not in text and "\\" not in text, "TeX is read out as words"
+    assert alt_text._plain(r"$\sqrt\beta_t$ and $\lambda = \log\mathrm{SNR}$") == "sqrt beta_t and lambda = log SNR"
 
 
 def test_an_image_grid_counts_its_images_and_a_hand_written_text_wins():

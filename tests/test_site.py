@@ -58,6 +58,12 @@ def site_pages(site_dir: Path) -> list[str]:
     )
 
 
+PHONE_WIDTH = 390  # px: a common phone's CSS width
+# The first elements that reach past the right edge from a box that does not scroll them.
+PAST_THE_EDGE = """w => Array.from(document.querySelectorAll('article *')).filter(e => e.getBoundingClientRect().right > w + 1
+    && getComputedStyle(e.parentElement).overflowX === 'visible').slice(0, 3).map(e => e.tagName + '.' + e.className)"""
+
+
 @pytest.fixture(scope="module")
 def loaded(browser, server, site_dir):
     """Load every page once; record requests, errors, images, maths and links."""
@@ -91,6 +97,9 @@ def loaded(browser, server, site_dir):
         record["math_errors"] = page.locator("mjx-merror").count()
         record["links"] = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.href)")
         record["text"] = page.inner_text("body")
+        page.set_viewport_size({"width": PHONE_WIDTH, "height": 844})  # the same page on a phone
+        page.wait_for_timeout(200)
+        record["phone"] = (page.evaluate("document.documentElement.scrollWidth"), page.evaluate(PAST_THE_EDGE, PHONE_WIDTH))
         results[rel] = record
         page.close()
     return results
@@ -150,6 +159,32 @@ def test_pages_show_no_progress_bars_or_other_stderr_spam(loaded):
         lines = [line for block in rec["stderr"] for line in block.splitlines() if line.strip()]
         assert len(lines) <= MAX_STDERR_LINES, (
             f"{rel}: {len(rec['stderr'])} stderr blocks, {len(lines)} lines, e.g. {lines[:3]}")
+
+
+def test_pages_fit_a_phone_width(loaded):
+    """At a phone's width no page scrolls sideways: wide tables, maths and figures scroll in their own box."""
+    wide = {rel: rec["phone"] for rel, rec in loaded.items() if rec["phone"][0] > PHONE_WIDTH + 1}
+    assert not wide, f"pages wider than {PHONE_WIDTH} px (scroll width, first elements past the edge): {wide}"
+
+
+RAW_TEX = re.compile(r".{0,40}(\$\$|\\(frac|sqrt|bar|hat|mathbb|varepsilon|alpha|nabla)\b).{0,20}")
+
+
+def test_no_maths_is_left_as_raw_tex(site_dir):
+    """A display formula the markdown parser did not see (e.g. a $$ line glued to the paragraph above
+    it inside a list) reaches the page as TeX source, outside any maths node MathJax renders."""
+    import html
+
+    raw = {}
+    for rel in site_pages(site_dir):
+        page = (site_dir / rel).read_text(encoding="utf-8")
+        page = re.sub(r"<(pre|code|script|style)[^>]*>.*?</\1>", "", page, flags=re.S)
+        page = re.sub(r'<(span|div) class="math[^"]*">.*?</\1>', "", page, flags=re.S)
+        text = html.unescape(re.sub(r"<[^>]+>", " ", page))
+        hits = [m.group(0) for m in RAW_TEX.finditer(text)]
+        if hits:
+            raw[rel] = hits[:2]
+    assert not raw, f"TeX left unrendered: {raw}"
 
 
 def test_maths_is_rendered_by_the_vendored_mathjax(loaded):
