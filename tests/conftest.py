@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def chapter_sources() -> list[Path]:
@@ -61,3 +63,20 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line(f"{'sum of the notebooks':<52} {sum(r['seconds'] for r in run['notebooks']):>7.1f} s")
     flag = "" if run["wall_seconds"] <= 1800 else "  OVER BUDGET"
     tr.write_line(f"{'wall clock (the course budget)':<52} {run['wall_seconds']:>7.1f} s / 1800 s{flag}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's), one per test module: the site tests and the JupyterLab tests."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium not found: `make system` installs Debian's chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        yield browser
+        browser.close()

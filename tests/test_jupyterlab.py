@@ -25,7 +25,6 @@ import pytest
 
 from conftest import ROOT
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ASSIGNMENT = "schedule_math"
 
 # Settings a student would pick once: no news feed or update check (no dialogs, no network);
@@ -114,23 +113,6 @@ def jupyterlab(root: Path, home: Path):
     finally:
         _stop(proc)
 
-
-# -- the browser ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium not found: `make system` installs Debian's chromium")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )
-        yield browser
-        browser.close()
 
 
 @contextmanager

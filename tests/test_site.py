@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import http.server
 import re
-import shutil
 import threading
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -15,7 +14,6 @@ import pytest
 
 from conftest import ROOT
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # sphinx-thebe's script is included twice by Jupyter Book 1 and redeclares a constant;
 # it is harmless (thebe is off) and the only page error we accept.
 BENIGN_PAGE_ERRORS = ("Identifier 'THEBE_JS_URL' has already been declared",)
@@ -35,20 +33,6 @@ def server(site_dir):
     httpd.shutdown()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium not found: `make system` installs Debian's chromium")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )
-        yield browser
-        browser.close()
 
 
 def site_pages(site_dir: Path) -> list[str]:
