@@ -131,6 +131,7 @@ def train(
     ema_decay: float | None = 0.999,
     grad_clip: float | None = 1.0,
     seed: int = 0,
+    data_seed: int | None = None,
     cpu: bool = False,
     device: str | torch.device | None = None,
     snapshot_every: int | None = None,
@@ -143,6 +144,13 @@ def train(
     ``grad_clip``, steps AdamW (linear warm-up, then a constant rate) and updates the EMA.
     ``snapshot_every`` (steps) keeps copies of the EMA weights to measure quality against
     training time. Seeded and deterministic on the CPU for a step budget.
+
+    ``data_seed``: draw the batches from a generator of their own: each step draws
+    ``num_processes * batch_size`` indices and process ``r`` takes the ``r``-th slice, so two
+    processes at ``batch_size`` see exactly the examples one process sees at twice that batch (and,
+    with a deterministic loss, end at its weights). Unset, one process draws from the global RNG (as
+    the zoo's recipes were trained); several processes then use ``data_seed = seed``. The learning
+    rate schedule counts optimizer steps, whatever the number of processes.
 
     ``device``: where the model, data and EMA live (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``,
     ``"auto"``); unset, accelerate chooses (the GPU if any, or each process's own under
@@ -158,6 +166,8 @@ def train(
         raise ValueError(f"steps must be a positive int; got {steps!r}")
     if seconds is not None and seconds <= 0:
         raise ValueError(f"seconds must be positive; got {seconds!r}")
+    if data_seed is not None and not isinstance(data_seed, int):
+        raise ValueError(f"data_seed must be an int or None; got {data_seed!r}")
     tensors = data if isinstance(data, (tuple, list)) else (data,)
     n = len(tensors[0])
     if any(len(x) != n for x in tensors):
@@ -173,10 +183,15 @@ def train(
         raise ValueError(f"device {str(device)!r} was asked for, but accelerate placed the run on "
                          f"{str(accelerator.device)!r}; launch without accelerate's device settings or pass device=None")
     seed_everything(seed + accelerator.process_index)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if data_seed is None and world > 1:
+        data_seed = seed
+    order = None if data_seed is None else torch.Generator().manual_seed(data_seed)
     ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    # The schedule is not handed to accelerate, which would step it once per process per step.
+    model, optimizer = accelerator.prepare(model, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
     tensors = tuple(x.to(accelerator.device) for x in tensors)
@@ -192,7 +207,11 @@ def train(
         elapsed = time.perf_counter() - start
         if (steps is not None and step >= steps) or (seconds is not None and elapsed >= seconds):
             break
-        idx = torch.randint(0, n, (batch_size,), device=accelerator.device)
+        if order is None:
+            idx = torch.randint(0, n, (batch_size,), device=accelerator.device)
+        else:  # one global batch for all processes; this one's slice of it
+            idx = torch.randint(0, n, (world * batch_size,), generator=order)[rank * batch_size:(rank + 1) * batch_size]
+            idx = idx.to(accelerator.device)
         batch = tuple(x[idx] for x in tensors)
         loss = loss_fn(model, batch if len(batch) > 1 else batch[0])
         if not math.isfinite(loss.item()):
