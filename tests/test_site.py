@@ -244,3 +244,40 @@ def test_every_bundled_photograph_is_attributed():
     named = {name for row in rows for name in re.findall(r"`(\w+)`", row)}  # first column: `chelsea` (the cat)
     assert set(helpers.PHOTOS) <= named, sorted(set(helpers.PHOTOS) - named)
     assert (ROOT / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
+
+
+EXERCISE = re.compile(r'<div class="exercise admonition" id="(ex-[\w-]+)">')
+SOLUTION = re.compile(r'<div class="solution dropdown admonition" id="[^"]+">\s*<p class="admonition-title">Solution to'
+                      r'<a class="reference internal" href="#(ex-[\w-]+)">')
+CHAPTER_PAGE = re.compile(r"^chapters/\d\d_\w+\.html$")
+
+
+def test_every_chapter_page_has_exercises_each_with_a_worked_solution(site_dir):
+    """sphinx-exercise blocks: every exercise of a chapter page is answered by a dropdown solution after it."""
+    chapters = [rel for rel in site_pages(site_dir) if CHAPTER_PAGE.match(rel)]
+    assert len(chapters) == len([p for p in (ROOT / "chapters").glob("[0-9][0-9]_*.md")])
+    problems = {}
+    for rel in chapters:
+        page = (site_dir / rel).read_text(encoding="utf-8")
+        exercises, solutions = EXERCISE.findall(page), SOLUTION.findall(page)
+        solved = {m.group(1): m.start() for m in SOLUTION.finditer(page)}
+        asked = {m.group(1): m.start() for m in EXERCISE.finditer(page)}
+        if not exercises or sorted(exercises) != sorted(solutions) or any(solved[k] < asked[k] for k in asked):
+            problems[rel] = (exercises, solutions)
+        body = re.findall(r'<div class="solution dropdown admonition".*?<section id="solution-content">(.*?)</section>\s*</div>',
+                          page, flags=re.S)
+        if any(len(re.sub(r"<[^>]+>", "", b).split()) < 30 for b in body):  # a worked answer, not a stub
+            problems[rel] = "a solution shorter than 30 words"
+    assert not problems, problems
+
+
+def test_a_solution_stays_hidden_until_the_reader_opens_it(browser, server):
+    page = browser.new_page()
+    page.goto(f"{server}/chapters/01_forward_process.html", wait_until="networkidle")
+    solution = page.locator(".solution.dropdown").first
+    content = solution.locator("#solution-content")
+    assert not content.is_visible(), "the solution is shown before the reader asks for it"
+    solution.locator("button.toggle-button").click()  # sphinx-togglebutton's button (the title links to the exercise)
+    content.wait_for(state="visible", timeout=5000)
+    assert content.locator(".cell").count() > 0, "the first solution of chapter 1 computes on the page"
+    page.close()
