@@ -76,3 +76,5 @@ def test_build_recorded_a_time_for_every_notebook():
     assert expected <= recorded
     assert all(t["seconds"] > 0 for t in timings)
     assert 0 < run["wall_seconds"] <= sum(t["seconds"] for t in timings) + 60  # side by side, never slower than in turn
+    # the budgets are held in reference seconds: this machine's seconds times its measured speed
+    assert 0 < run["speed"] and all(abs(t["reference_seconds"] - t["seconds"] * run["speed"]) <= 0.1 for t in timings)

@@ -5,6 +5,8 @@
     python tools/build.py --no-site       # execute, skip the website
     python tools/build.py --jobs 1        # one notebook at a time (default: two, one core each)
     python tools/build.py -p device cuda -p train_seconds 600   # papermill parameters
+    python tools/build.py --profile gpu   # every chapter at its GPU-sized values (device cuda)
+    python tools/build.py --profile gpu --dry-run   # print and check them, execute nothing
 
 Pipeline (see DESIGN.md, "One execution, one build"):
 
@@ -15,17 +17,28 @@ Solutions (solutions/*/*.ipynb) are executed too, to prove they run, but never p
 Notebooks run two at a time by default, each kernel with its share of the cores
 (``OMP_NUM_THREADS``), so that two processes never fight over the same cores; the models they
 share are trained once (``helpers.zoo.cache_lock``). The timings of every notebook, the wall
-clock and the budgets they are held to are printed and written to ``_build/timings.json``. MathJax, RequireJS and the widget manager are installed from npm
+clock and the budgets they are held to are printed and written to ``_build/timings.json``.
+Machines differ (the same commit ran 1.8x slower on one 2-core machine than on another), so the
+build first times a fixed workload of the kind the chapters run and prints every notebook's time
+also in reference seconds, the seconds it would have taken on the reference machine; the budgets
+are held in those. MathJax, RequireJS and the widget manager are installed from npm
 into ``_build/npm`` and copied into the site, so the pages load nothing from the internet.
+
+GPU profile: a chapter's parameters cell documents its GPU-sized values at the end of a
+parameter's comment, ``n_eval = 600  # digits per model | gpu: 5000``; ``--profile gpu``
+executes every chapter with those values and ``device="cuda"`` (run-specific assertions hold
+only for the defaults, so nothing fails for being bigger).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
 import multiprocessing
+import re
 import subprocess
 import sys
 import time
@@ -37,6 +50,10 @@ BUILD = ROOT / "_build"
 NOTEBOOKS, EXECUTED, SITE_SRC = BUILD / "notebooks", BUILD / "executed", BUILD / "site_src"
 CHAPTER_BUDGET_S = 240  # DESIGN.md: each chapter at most 4 minutes on 2 CPU cores
 COURSE_BUDGET_S = 30 * 60  # the whole course, chapters and solutions
+# The reference machine: the speed workload below took this long there (one thread, quiet machine;
+# this course's 2-core development machine, 2026-12-02). Reference seconds = seconds x REFERENCE_S /
+# the workload's seconds here, so the same notebook reads about the same on a slower or faster machine.
+REFERENCE_S = 1.23  # measured three times: 1.245, 1.226, 1.232 s
 NPM_PACKAGES = ["mathjax@3.2.2", "@jupyter-widgets/html-manager@1.0.15", "requirejs@2.3.8"]
 
 
@@ -77,6 +94,74 @@ def schedule(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
     return sorted(pairs, key=rank)  # stable: the rest keep their order
 
 
+PROFILE_VALUE = re.compile(r"^(?P<name>[A-Za-z_]\w*)\s*=\s*(?P<default>.+?)\s*#.*\|\s*(?P<profile>\w+):\s*(?P<value>.+?)\s*$")
+
+
+def parameters_cell(source: Path) -> str:
+    """The source of a chapter's cell tagged ``parameters``."""
+    import jupytext
+
+    for cell in jupytext.read(source).cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            return cell.source
+    raise ValueError(f"{source.name} has no cell tagged 'parameters'")
+
+
+def profile_parameters(source: Path, profile: str) -> dict:
+    """A chapter's values for ``profile`` (``| gpu: VALUE`` at the end of a parameter's comment), checked.
+
+    Each value must be a Python literal of its default's type (an int for an int, a list for a
+    list; a string may replace ``None``), so a profile cannot pass a parameter the chapter lacks
+    or a value it cannot read.
+    """
+    values = {}
+    for line in parameters_cell(source).splitlines():
+        match = PROFILE_VALUE.match(line.strip())
+        if not match or match["profile"] != profile:
+            continue
+        name = match["name"]
+        try:
+            default, value = ast.literal_eval(match["default"]), ast.literal_eval(match["value"])
+        except (ValueError, SyntaxError) as error:
+            raise ValueError(f"{source.name}: {name}'s {profile} value {match['value']!r} is not a literal") from error
+        same_type = type(value) is type(default) or (default is None and isinstance(value, str)) or (
+            isinstance(default, float) and isinstance(value, int))
+        if not same_type:
+            raise ValueError(f"{source.name}: {name} = {default!r} but its {profile} value is {value!r} "
+                             f"({type(value).__name__}, not {type(default).__name__})")
+        values[name] = value
+    return values
+
+
+def speed_workload(threads: int | None) -> float:
+    """Seconds of a fixed workload of the kind the chapters run: training steps of the digits U-Net.
+
+    The best of three repetitions of eight AdamW steps at batch 128 on 8 x 8 digits, after warm-up,
+    in a fresh process with ``threads`` threads (as one notebook's kernel gets them).
+    """
+    code = (
+        "import time, torch\n"
+        "from helpers import models\n"
+        "torch.manual_seed(0)\n"
+        "model = models.digits_unet(widths=(32, 64, 64), attention=True)\n"
+        "opt = torch.optim.AdamW(model.parameters(), lr=1e-3)\n"
+        "x, t = torch.randn(128, 1, 8, 8), torch.randint(0, 1000, (128,))\n"
+        "def steps(n):\n"
+        "    for _ in range(n):\n"
+        "        loss = (model(x, t).sample - x).pow(2).mean(); opt.zero_grad(); loss.backward(); opt.step()\n"
+        "steps(2)\n"
+        "best = float('inf')\n"
+        "for _ in range(3):\n"
+        "    start = time.perf_counter(); steps(8); best = min(best, time.perf_counter() - start)\n"
+        "print(best)\n"
+    )
+    env = dict(os.environ)
+    if threads is not None:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -107,7 +192,7 @@ def execute_one(source: Path, runnable: Path, parameters: dict, threads: int | N
         papermill.execute_notebook(
             str(runnable),
             str(output),
-            parameters=parameters if source.suffix == ".md" else {},
+            parameters=parameters,
             cwd=str(source.parent),
             kernel_name="python3",
             progress_bar=False,
@@ -120,10 +205,23 @@ def execute_one(source: Path, runnable: Path, parameters: dict, threads: int | N
             "threads": threads or usable_cpus()}
 
 
-def execute(pairs: list[tuple[Path, Path]], parameters: dict, jobs: int) -> dict:
+def notebook_parameters(pairs: list[tuple[Path, Path]], parameters: dict, profile: str | None) -> dict[Path, dict]:
+    """Each notebook's papermill parameters: its profile's values (and the profile's device), then ``-p``'s."""
+    chosen = {}
+    for source, _ in pairs:
+        if source.suffix != ".md":
+            chosen[source] = {}  # solutions take no parameters
+            continue
+        values = {"device": "cuda", **profile_parameters(source, profile)} if profile == "gpu" else {}
+        chosen[source] = {**values, **parameters}
+    return chosen
+
+
+def execute(pairs: list[tuple[Path, Path]], parameters: dict, jobs: int, profile: str | None = None) -> dict:
     """Execute the notebooks, ``jobs`` at a time, each in its own process and kernel.
 
-    Returns ``{"jobs", "threads", "wall_seconds", "notebooks": [timing rows in course order]}``.
+    Returns ``{"jobs", "threads", "wall_seconds", "speed", "notebooks": [timing rows in course order]}``;
+    ``speed`` is the reference machine's workload seconds over this machine's (below 1: slower).
     A failed notebook stops the build once the ones already running have finished.
     """
     # Offline; and training prints one summary line, not a live bar's redraws, on the pages.
@@ -131,13 +229,18 @@ def execute(pairs: list[tuple[Path, Path]], parameters: dict, jobs: int) -> dict
     os.environ.update(env_note)
     os.environ.setdefault("COURSE_CACHE", str(BUILD / "cache"))  # helpers.zoo: retrained by a clean build
     threads = threads_per_job(jobs)
+    chosen = notebook_parameters(pairs, parameters, profile)
+    workload = speed_workload(threads)
+    speed = REFERENCE_S / workload
+    print(f"machine speed: the reference workload took {workload:.2f} s here, {REFERENCE_S:.2f} s on the reference "
+          f"machine (speed {speed:.2f}; reference seconds = seconds x {speed:.2f})", flush=True)
     print(f"executing {len(pairs)} notebooks, {jobs} at a time"
-          + (f", {threads} thread(s) each" if threads else ""), flush=True)
+          + (f", {threads} thread(s) each" if threads else "") + (f", profile {profile}" if profile else ""), flush=True)
     start = time.perf_counter()
     rows, failed = {}, []
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = [pool.submit(execute_one, source, runnable, parameters, threads) for source, runnable in schedule(pairs)]
+        futures = [pool.submit(execute_one, source, runnable, chosen[source], threads) for source, runnable in schedule(pairs)]
         for future in as_completed(futures):
             if future.cancelled():
                 continue
@@ -148,26 +251,29 @@ def execute(pairs: list[tuple[Path, Path]], parameters: dict, jobs: int) -> dict
                 for other in futures:
                     other.cancel()  # those not started; the running ones finish
             else:
-                rows[row["notebook"]] = row
+                rows[row["notebook"]] = row | {"reference_seconds": round(row["seconds"] * speed, 1)}
     if failed:
         sys.exit(f"{len(failed)} notebook(s) failed: {', '.join(r['notebook'] for r in failed)} (errors above)")
     order = [str(source.relative_to(ROOT).with_suffix(".ipynb")) for source, _ in pairs]
-    return {"jobs": jobs, "threads": threads or usable_cpus(), "wall_seconds": round(time.perf_counter() - start, 1),
-            "notebooks": [rows[name] for name in order]}
+    wall = time.perf_counter() - start
+    return {"jobs": jobs, "threads": threads or usable_cpus(), "wall_seconds": round(wall, 1), "speed": round(speed, 3),
+            "reference_wall_seconds": round(wall * speed, 1), "profile": profile, "notebooks": [rows[name] for name in order]}
 
 
 def print_budgets(run: dict) -> None:
+    """The timing table: seconds here, reference seconds (what the budgets hold), the budget."""
     timings = run["notebooks"]
-    total = sum(t["seconds"] for t in timings)
-    print(f"\nNotebook execution times ({run['jobs']} at a time, {run['threads']} thread(s) each; "
-          f"budget per notebook and for the course)")
-    print(f"{'notebook':<52} {'seconds':>8} {'budget':>7}")
+    print(f"\nNotebook execution times ({run['jobs']} at a time, {run['threads']} thread(s) each; machine speed "
+          f"{run['speed']:.2f}: reference seconds = seconds x {run['speed']:.2f}; the budgets are in reference seconds)")
+    print(f"{'notebook':<52} {'seconds':>8} {'ref. s':>8} {'budget':>7}")
     for t in timings:
-        flag = "" if t["seconds"] <= t["budget"] else "  OVER BUDGET"
-        print(f"{t['notebook']:<52} {t['seconds']:>8.1f} {t['budget']:>7}{flag}")
-    print(f"{'sum of the notebooks':<52} {total:>8.1f}")
-    flag = "" if run["wall_seconds"] <= COURSE_BUDGET_S else "  OVER BUDGET"
-    print(f"{'wall clock (the course budget)':<52} {run['wall_seconds']:>8.1f} {COURSE_BUDGET_S:>7}{flag}\n", flush=True)
+        flag = "" if t["reference_seconds"] <= t["budget"] else "  OVER BUDGET"
+        print(f"{t['notebook']:<52} {t['seconds']:>8.1f} {t['reference_seconds']:>8.1f} {t['budget']:>7}{flag}")
+    print(f"{'sum of the notebooks':<52} {sum(t['seconds'] for t in timings):>8.1f} "
+          f"{sum(t['reference_seconds'] for t in timings):>8.1f}")
+    flag = "" if run["reference_wall_seconds"] <= COURSE_BUDGET_S else "  OVER BUDGET"
+    print(f"{'wall clock (the course budget)':<52} {run['wall_seconds']:>8.1f} {run['reference_wall_seconds']:>8.1f} "
+          f"{COURSE_BUDGET_S:>7}{flag}\n", flush=True)
 
 
 def vendor_javascript() -> Path:
@@ -235,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
                              "or 1 on a one-core machine); OMP_NUM_THREADS, if set, is each one's thread count")
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a papermill parameter for every chapter (value parsed as JSON if it can be)")
+    parser.add_argument("--profile", choices=["gpu"], help="execute every chapter at its profile's values (see above)")
+    parser.add_argument("--dry-run", action="store_true", help="print and check each notebook's parameters, execute nothing")
     args = parser.parse_args(argv)
 
     parameters = {}
@@ -246,10 +354,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1; got {args.jobs}")
+    if args.dry_run:
+        pairs = notebooks_to_execute(args.only)
+        for source, chosen in notebook_parameters(pairs, parameters, args.profile).items():
+            print(f"{source.relative_to(ROOT)}: {json.dumps(chosen)}")
+        return
     start = time.perf_counter()
     if not args.no_execute:
-        run = execute(notebooks_to_execute(args.only), parameters, args.jobs)
-        if args.only is None:
+        run = execute(notebooks_to_execute(args.only), parameters, args.jobs, args.profile)
+        if args.only is None and args.profile is None:  # the budgets are for the default parameters
             (BUILD / "timings.json").write_text(json.dumps(run, indent=1))
         print_budgets(run)
     if not args.no_site:
