@@ -25,6 +25,7 @@ from diffusers import UNet2DModel
 
 from helpers import training, zoo
 
+REPO = Path(__file__).resolve().parent.parent
 STEPS, BATCH, DATA_SEED = 12, 8, 3
 # warm-up shorter than the run and a clip that binds: both must count the same on one and two processes
 SETTINGS = dict(steps=STEPS, lr=0.05, warmup_steps=4, ema_decay=0.9, grad_clip=0.5, data_seed=DATA_SEED, progress=False)
@@ -65,11 +66,20 @@ def _worker(model, data, out_dir):
                out_dir / f"rank{state.process_index}.pt")
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ddp")
+def launch(out_dir: Path) -> None:
     model, data = _problem()
     debug_launcher(_worker, args=(model, data, out_dir), num_processes=2)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    # debug_launcher forks; a process whose torch has started its thread pools (as pytest's has, after
+    # other tests) can deadlock in the child, so the ranks are forked from a fresh interpreter
+    out_dir = tmp_path_factory.mktemp("ddp")
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_distributed; " \
+           f"test_distributed.launch(__import__('pathlib').Path({str(out_dir)!r}))"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   cwd=REPO)
     return [torch.load(out_dir / f"rank{r}.pt") for r in (0, 1)]
 
 
@@ -103,8 +113,6 @@ def test_data_seed_is_checked():
     with pytest.raises(ValueError, match="data_seed"):
         training.train(model, data, _recording_loss({"rows": [], "params": []}), steps=1, data_seed=1.5, progress=False)
 
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_launch_script_trains_a_recipe_on_two_cpu_processes(tmp_path):

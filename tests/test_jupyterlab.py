@@ -244,7 +244,9 @@ def test_a_student_runs_the_assignment_and_answers_one_function(browser, tmp_pat
             f"a passing test prints nothing:\n{output_text(passed)}"
         text = output_text(test_cell["cosine_betas"])
         assert "NotImplementedError" in text and "def cosine_betas(" in text, text
-    print(f"\nassignment in JupyterLab: {time.monotonic() - start:.1f} s")
+        passed.scroll_into_view_if_needed()
+        page.screenshot(path=str(tmp_path / "student-run.png"))  # what the student sees, kept in pytest's tmp_path
+    print(f"\nassignment in JupyterLab: {time.monotonic() - start:.1f} s; screenshot {tmp_path / 'student-run.png'}")
 
 
 def test_the_chapter_slider_redraws_the_figure_live(browser, tmp_path):
