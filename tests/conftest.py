@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from build import budget_lines, is_notebook_source  # noqa: E402  (tools/build.py)
+
 BUILD = ROOT / "_build"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -17,10 +21,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 def chapter_sources() -> list[Path]:
     """The notebook chapters: MyST markdown files whose front matter names a kernel."""
-    return [
-        p for p in sorted((ROOT / "chapters").glob("*.md"))
-        if p.read_text(encoding="utf-8").startswith("---") and "kernelspec:" in p.read_text(encoding="utf-8")[:600]
-    ]
+    return [p for p in sorted((ROOT / "chapters").glob("*.md")) if is_notebook_source(p)]
 
 
 @pytest.fixture(scope="session")
@@ -51,22 +52,14 @@ def build_timings() -> dict | None:
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print the notebook budgets (seconds per notebook, from the last build) after every run."""
+    """Print the notebook budgets after every run: the table the last build printed (tools/build.py)."""
     run = build_timings()
     if run is None:
         return
-    tr = terminalreporter
-    speed = run.get("speed")  # older builds measured no machine speed: their seconds stand for reference seconds
-    tr.section(f"notebook budgets (last build: {run['jobs']} at a time, {run['threads']} thread(s) each"
-               + (f"; machine speed {speed:.2f}, budgets in reference seconds = seconds x {speed:.2f})" if speed else ")"))
-    for row in run["notebooks"]:
-        ref = row.get("reference_seconds", row["seconds"])
-        flag = "" if ref <= row["budget"] else "  OVER BUDGET"
-        tr.write_line(f"{row['notebook']:<52} {row['seconds']:>7.1f} s = {ref:>6.1f} ref. s / {row['budget']}{flag}")
-    tr.write_line(f"{'sum of the notebooks':<52} {sum(r['seconds'] for r in run['notebooks']):>7.1f} s")
-    ref_wall = run.get("reference_wall_seconds", run["wall_seconds"])
-    flag = "" if ref_wall <= 1800 else "  OVER BUDGET"
-    tr.write_line(f"{'wall clock (the course budget)':<52} {run['wall_seconds']:>7.1f} s = {ref_wall:>6.1f} ref. s / 1800{flag}")
+    header, *table = budget_lines(run)
+    terminalreporter.section(f"notebook budgets (last build: {header})")
+    for line in table:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,15 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
+import build  # tools/build.py (conftest puts tools/ on the path)
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import build  # noqa: E402
+from conftest import ROOT, chapter_sources
 
 HEADER = ("---\njupytext:\n  text_representation:\n    extension: .md\n    format_name: myst\n"
           "kernelspec:\n  display_name: Python 3\n  language: python\n  name: python3\n---\n\n")
-CHAPTERS = [p for p in sorted((ROOT / "chapters").glob("*.md")) if build.is_notebook_source(p)]
+CHAPTERS = chapter_sources()
 
 
 @pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
@@ -47,3 +45,13 @@ def test_the_speed_workload_is_short_and_the_reference_is_set():
     assert build.REFERENCE_S > 0
     here = build.speed_workload(1)
     assert 0 < here < 60, here
+
+
+def test_the_budgets_are_held_in_reference_seconds():
+    """A 300 s notebook on a machine at speed 0.7 is 210 reference seconds: within 240; at speed 1, over."""
+    row = {"notebook": "chapters/x.ipynb", "seconds": 300.0, "budget": build.CHAPTER_BUDGET_S}
+    slow = {"jobs": 2, "threads": 1, "wall_seconds": 300.0, "speed": 0.7, "reference_wall_seconds": 210.0,
+            "notebooks": [row | {"reference_seconds": 210.0}]}
+    assert not any("OVER BUDGET" in line for line in build.budget_lines(slow))
+    fast = slow | {"speed": 1.0, "notebooks": [row | {"reference_seconds": 300.0}]}
+    assert "OVER BUDGET" in next(line for line in build.budget_lines(fast) if line.startswith("chapters/x"))
