@@ -11,9 +11,11 @@ Two parts (chapter 7.2):
 * **Consistency distillation** (Song et al. 2023): a student ``f(x_t, t)`` learns to jump from any
   point ``x_t`` of the teacher's probability-flow ODE trajectory straight to its end ``x_0``.
   Here the teacher is a DDPM eps-model and its ODE solver is deterministic DDIM
-  (:func:`ddim_trajectories`); the student regresses the trajectory's end
-  (:func:`consistency_regression_loss`) and samples in 1-4 steps with
-  :func:`consistency_sample`. Time convention as everywhere: integer DDPM t, larger is noisier.
+  (:func:`ddim_trajectories`). Two ways to train the student (chapter 7.4): regress the
+  trajectory's end (:func:`consistency_regression_loss`), or bootstrap it from one teacher step
+  and a slowly updated copy of the student (:func:`consistency_distillation_loss`, consistency
+  distillation proper). It samples in 1-4 steps with :func:`consistency_sample`. Time
+  convention as everywhere: integer DDPM t, larger is noisier; t = -1 means the clean data.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import torch.nn.functional as F
 
 from helpers.core import append_dims
 from helpers.diffusion import ddim_step, ddim_timesteps, denoise
+from helpers.training import ema_update
 
 __all__ = [
     "assemble_sd3_pipeline",
     "attention_cost",
+    "consistency_distillation_loss",
     "consistency_regression_loss",
     "consistency_sample",
     "consistency_x0",
@@ -185,6 +189,46 @@ def consistency_regression_loss(alpha_bar: torch.Tensor, timesteps: list[int]) -
         k = torch.randint(0, len(steps), (len(x0),), device=x0.device)
         xt = states[torch.arange(len(x0), device=x0.device), k]  # (B, C, H, W)
         return F.mse_loss(consistency_x0(model, xt, steps.to(x0.device)[k], alpha_bar), x0)
+
+    return loss
+
+
+def consistency_distillation_loss(
+    teacher, target: torch.nn.Module, alpha_bar: torch.Tensor, num_steps: int, target_decay: float,
+) -> Callable:
+    """``loss(model, x0)`` for :func:`helpers.training.train`: consistency distillation (Song et al. 2023, Algorithm 2).
+
+    The teacher's grid is :func:`helpers.diffusion.ddim_timesteps` (``num_steps``, trailing)
+    followed by t = -1, the data. Each batch draws one adjacent pair ``t_{n+1} > t_n``, noises
+    its clean ``x0`` to ``x_{t_{n+1}}``, takes one deterministic DDIM step of the teacher to
+    ``x_{t_n}`` and returns ``|| f_theta(x_{t_{n+1}}) - f_target(x_{t_n}) ||^2`` with no gradient
+    through the target. At the last pair the target is the boundary condition ``f(x, -1) = x``:
+    the teacher's own ``x0`` estimate, the only place the data enters. After computing the loss
+    the ``target`` network moves towards the student, ``target <- target_decay * target + (1 -
+    target_decay) * model`` (from the weights before this step's update, one step behind the
+    paper's order). One teacher call and one target call per example per step.
+    """
+    if not 0.0 <= target_decay < 1.0:
+        raise ValueError(f"target_decay must be in [0, 1); got {target_decay}")
+    grid = ddim_timesteps(num_steps, len(alpha_bar), spacing="trailing") + [-1]
+    target.requires_grad_(False)
+
+    def f(net, x, t):
+        return x if t < 0 else consistency_x0(net, x, t, alpha_bar)
+
+    def loss(model, x0: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x0, torch.Tensor):
+            raise ValueError(f"x0 must be one tensor of clean images (B, C, H, W); got {type(x0).__name__}")
+        n = int(torch.randint(0, len(grid) - 1, ()))
+        t_hi, t_lo = grid[n], grid[n + 1]
+        ab = alpha_bar.to(x0.device)
+        x_hi = ab[t_hi].sqrt() * x0 + (1 - ab[t_hi]).sqrt() * torch.randn_like(x0)
+        with torch.no_grad():
+            x_lo = ddim_step(denoise(teacher, x_hi, t_hi), t_hi, x_hi, ab, t_lo)  # one teacher ODE step
+            goal = f(target, x_lo, t_lo)
+        value = F.mse_loss(f(model, x_hi, t_hi), goal)
+        ema_update(target, model, target_decay)
+        return value
 
     return loss
 

@@ -1,5 +1,7 @@
 """helpers.mmdit: joint attention against diffusers, the tiny SD3 pipeline, consistency distillation."""
 
+import copy
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -128,6 +130,80 @@ def test_consistency_regression_loss_falls():
     assert sum(result.losses[-10:]) / 10 < 0.7 * sum(result.losses[:10]) / 10
     with pytest.raises(ValueError, match="states"):
         loss_fn(model, (x0[:4], states[:4, :2]))
+
+
+class _EpsOracle(torch.nn.Module):
+    """The exact eps-prediction for a data set of one image x0: the teacher whose ODE ends at x0 from anywhere."""
+
+    def __init__(self, x0, alpha_bar):
+        super().__init__()
+        self.x0, self.alpha_bar = x0, alpha_bar
+
+    def forward(self, x, t):
+        ab = helpers.append_dims(self.alpha_bar[t], x.ndim)
+        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+
+
+def test_consistency_distillation_loss_is_zero_for_the_exact_consistency_function():
+    # One training image: the teacher's ODE maps every x_t to it, so the true consistency function
+    # (the v-oracle read by consistency_x0) has zero loss at every adjacent pair, the boundary included.
+    alpha_bar = helpers.get_schedule("linear").alpha_bar.double()
+    x0 = (torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.6 - 0.8)
+    teacher, exact = _EpsOracle(x0, alpha_bar), _Oracle(x0, alpha_bar)
+    loss_fn = mmdit.consistency_distillation_loss(teacher, _Oracle(x0, alpha_bar), alpha_bar, 4, target_decay=0.9)
+    torch.manual_seed(0)
+    values = [loss_fn(exact, x0.expand(6, -1, -1, -1)).item() for _ in range(40)]  # 40 draws of the 4 + 1 pairs
+    assert max(values) < 1e-20, max(values)
+    # The consistency function of another data set (every x_t -> 0) is self-consistent too: only the
+    # boundary pair, whose target is the teacher's x0 estimate, sees that it ends at the wrong image.
+    wrong = _Oracle(torch.zeros_like(x0), alpha_bar)
+    loss_fn = mmdit.consistency_distillation_loss(teacher, _Oracle(torch.zeros_like(x0), alpha_bar), alpha_bar, 4,
+                                                  target_decay=0.9)
+    values = torch.tensor([loss_fn(wrong, x0.expand(6, -1, -1, -1)).item() for _ in range(40)], dtype=x0.dtype)
+    boundary = values > 1e-6
+    assert 0 < boundary.sum() < len(values) and values[~boundary].max() < 1e-20
+    torch.testing.assert_close(values[boundary], x0.pow(2).mean().expand(int(boundary.sum())))  # |0 - x0|^2
+
+
+def test_consistency_distillation_loss_moves_only_the_student_and_pulls_the_target():
+    alpha_bar = helpers.get_schedule("linear").alpha_bar
+    torch.manual_seed(0)
+    teacher = helpers.models.digits_unet(widths=(16, 16), attention=False).eval()
+    student = helpers.models.digits_unet(widths=(16, 16), attention=False)
+    target = helpers.models.digits_unet(widths=(16, 16), attention=False)
+    before = [p.detach().clone() for p in target.parameters()]
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
+    loss_fn = mmdit.consistency_distillation_loss(teacher, target, alpha_bar, 10, target_decay=0.75)
+    value = loss_fn(student, torch.rand(8, 1, 8, 8) * 2 - 1)
+    value.backward()
+    assert all(p.grad is None for p in target.parameters()) and all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    for p_target, p_before, p in zip(target.parameters(), before, student.parameters()):  # target <- 0.75 target + 0.25 student
+        torch.testing.assert_close(p_target.detach(), 0.75 * p_before + 0.25 * p.detach())
+    assert all(torch.equal(p, q) for p, q in zip(teacher.parameters(), teacher_before))
+    for bad in [1.0, -0.1]:
+        with pytest.raises(ValueError, match="target_decay"):
+            mmdit.consistency_distillation_loss(teacher, target, alpha_bar, 10, target_decay=bad)
+    with pytest.raises(ValueError, match="x0"):
+        loss_fn(student, (torch.zeros(2, 1, 8, 8),))
+
+
+def test_consistency_distillation_learns_the_data_through_the_boundary():
+    # The teacher knows one image; the student starts knowing nothing (a fresh network). Only the
+    # boundary pair ties the bootstrapped loss to data, so a one-step sample that lands near the
+    # image proves the information climbed the whole grid, from t = -1 to t = 999.
+    alpha_bar = helpers.get_schedule("linear").alpha_bar
+    x0 = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    torch.manual_seed(0)
+    student = helpers.models.digits_unet(widths=(16, 16), attention=False)
+    loss_fn = mmdit.consistency_distillation_loss(_EpsOracle(x0, alpha_bar), copy.deepcopy(student), alpha_bar, 2,
+                                                  target_decay=0.5)
+    noise = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    before = (mmdit.consistency_sample(student.eval(), noise, alpha_bar, 1) - x0).abs().mean()
+    training.train(student.train(), x0.expand(64, -1, -1, -1), loss_fn, steps=150, batch_size=32, lr=3e-3, warmup_steps=5,
+                   ema_decay=None, progress=False)
+    after = (mmdit.consistency_sample(student.eval(), noise, alpha_bar, 1) - x0).abs().mean()
+    assert after < 0.2 * before, (before, after)
 
 
 def test_sd3_pipeline_equals_the_explicit_euler_loop():
