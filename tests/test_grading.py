@@ -209,6 +209,48 @@ DDIM_RECONSTRUCTION = Assignment(
     loops=("ddim_timesteps", "test_ddim_timesteps"),
 )
 
+SCORE_THEORY = Assignment(
+    name="score_theory",
+    mistakes={
+        "marginal_noise_forgotten": (  # shrinks the covariance but adds no noise: C_k = ab Sigma_k
+            ("noised_mixture", "ab * covs + (1 - ab) * eye", "ab * covs"),
+            {"test_noised_mixture", "test_mixture_score", "test_score_far_away"}),  # the score uses the marginal
+        "marginal_means_by_alpha_bar": (  # scales the means by alpha_bar instead of its square root
+            ("noised_mixture", "ab.sqrt() * means", "ab * means"),
+            {"test_noised_mixture", "test_mixture_score", "test_score_far_away"}),
+        "score_mixture_weights": (  # averages the pulls with w_k where the responsibilities r_k(x) belong
+            ("mixture_score", "r = torch.softmax(log_comp, dim=1)", "r = weights.expand(x.shape[0], -1)"),
+            {"test_mixture_score", "test_score_far_away"}),
+        "score_exp_then_divide": (  # right near the data, 0 / 0 far from it
+            ("mixture_score", "r = torch.softmax(log_comp, dim=1)",
+             "r = log_comp.exp() / log_comp.exp().sum(dim=1, keepdim=True)"),
+            {"test_score_far_away"}),
+        "tweedie_sqrt_variance": (  # the noise's standard deviation where its variance belongs
+            ("tweedie_x0", "(xt + (1 - alpha_bar_t) * score)", "(xt + (1 - alpha_bar_t).sqrt() * score)"),
+            {"test_tweedie"}),
+        "tweedie_no_rescale": (  # forgets to divide by sqrt(alpha_bar): the posterior mean of x_t's signal part
+            ("tweedie_x0", "return (xt + (1 - alpha_bar_t) * score) / alpha_bar_t.sqrt()",
+             "return xt + (1 - alpha_bar_t) * score"),
+            {"test_tweedie"}),
+        "v_sign_flipped": (  # v = s x0 - a eps: the rotation the other way round
+            ("convert", "return a * eps - s * x0", "return s * x0 - a * eps"),
+            {"test_convert", "test_convert_diffusers"}),
+        "score_sign_flipped": (  # the score points away from the data
+            ("convert", "return -eps / s", "return eps / s"),
+            {"test_convert"}),
+        "heun_second_slope_only": (  # steps with the slope at the Euler point instead of the average
+            ("heun_step", "(d + d_next) / 2", "d_next"),
+            {"test_heun_step", "test_heun_diffusers"}),
+        "heun_corrects_at_zero": (  # divides by sigma_next = 0 on the last step
+            ("heun_step", "if sigma_next == 0:", "if sigma_next < 0:"),
+            {"test_heun_step", "test_heun_diffusers"}),
+    },
+    gutted=("heun_second_slope_only", "test_heun_step"),
+    deleted=("tweedie_no_rescale", "test_tweedie"),
+    after_markdown="test_score_far_away",
+    loops=("tweedie_x0", "test_tweedie"),
+)
+
 DIT_FLOW = Assignment(
     name="dit_flow",
     mistakes={
@@ -459,8 +501,8 @@ EVALUATION = Assignment(
     loops=("watermark_p_value", "test_watermark_p_value"),
 )
 
-ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP, UNET_PARTS, CFG_ARITHMETIC, LATENTS,
-                                   DDIM_RECONSTRUCTION, DIT_FLOW, LORA_CONTROLNET, VIDEO_PATCHES, EVALUATION)}
+ASSIGNMENTS = {a.name: a for a in (SCHEDULE_MATH, REVERSE_STEP, UNET_PARTS, CFG_ARITHMETIC, LATENTS, DDIM_RECONSTRUCTION,
+                                   SCORE_THEORY, DIT_FLOW, LORA_CONTROLNET, VIDEO_PATCHES, EVALUATION)}
 MISTAKES = [(a.name, student) for a in ASSIGNMENTS.values() for student in sorted(a.mistakes)]
 
 # Habits the values alone do not show (see check_habits in each assignment's first cell): an
@@ -521,6 +563,15 @@ HABITS = {
                      {"test_ddim_step", "test_ddim_step_eta"}),
         "integer_steps": (("ddim_timesteps", "torch.arange(num_steps).flip(0) * k", "torch.arange(num_steps).flip(0) * float(k)"),
                           {"test_ddim_timesteps"}),  # the right values, as floats
+    },
+    "score_theory": {
+        "in_place": (("tweedie_x0", "return (xt + (1 - alpha_bar_t) * score) / alpha_bar_t.sqrt()",
+                      "return xt.add_((1 - alpha_bar_t) * score).div_(alpha_bar_t.sqrt())"), {"test_tweedie"}),
+        "dtype": (("noised_mixture", "torch.eye(means.shape[1], dtype=covs.dtype, device=covs.device)",
+                   "torch.eye(means.shape[1])"), {"test_noised_mixture", "test_mixture_score"}),  # the default float64
+        "no_grad": (("heun_step", "    return x + (sigma_next - sigma) * (d + d_next) / 2",
+                     "    with torch.no_grad():\n        return x + (sigma_next - sigma) * (d + d_next) / 2"),
+                    {"test_heun_step"}),
     },
     "dit_flow": {
         "in_place": (("euler_step", "return x_t + (t_next - t) * v", "x_t += (t_next - t) * v\n    return x_t"), {"test_euler_step"}),
@@ -597,6 +648,10 @@ BORROWED = {
     "ddim_reconstruction": ({
         "ddim_timesteps": "from helpers.diffusion import ddim_timesteps as course\nreturn torch.tensor(course(num_steps, T))",
     }, {"test_ddim_timesteps"}),
+    "score_theory": ({
+        "mixture_score": "from helpers.score import mixture_score as course\nreturn course(x, means, covs, weights, alpha_bar_t)",
+        "heun_step": "from helpers import edm\nreturn edm.heun_step(denoiser, x, sigma, sigma_next)",
+    }, {"test_mixture_score", "test_score_far_away", "test_heun_step", "test_heun_diffusers"}),
     "dit_flow": ({
         "patchify": "B, C, H, W = x.shape\nif H % p or W % p:\n    raise ValueError(f'{H}x{W} is not a multiple of {p}')\n"
                     "return patchify_loop(x, p)  # the visible test's reference",
