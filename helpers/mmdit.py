@@ -207,6 +207,10 @@ def consistency_distillation_loss(
     the ``target`` network moves towards the student, ``target <- target_decay * target + (1 -
     target_decay) * model`` (from the weights before this step's update, one step behind the
     paper's order). One teacher call and one target call per example per step.
+
+    ``loss(model, x0, pair=n)`` uses the pair ``n`` (0 the noisiest, ``num_steps - 1`` the
+    boundary) instead of a random one. Given ``target`` as ``model`` (then the EMA moves nothing),
+    it measures how far a network is from being consistent between two points of the grid.
     """
     if not 0.0 <= target_decay < 1.0:
         raise ValueError(f"target_decay must be in [0, 1); got {target_decay}")
@@ -216,10 +220,12 @@ def consistency_distillation_loss(
     def f(net, x, t):
         return x if t < 0 else consistency_x0(net, x, t, alpha_bar)
 
-    def loss(model, x0: torch.Tensor) -> torch.Tensor:
+    def loss(model, x0: torch.Tensor, pair: int | None = None) -> torch.Tensor:
         if not isinstance(x0, torch.Tensor):
             raise ValueError(f"x0 must be one tensor of clean images (B, C, H, W); got {type(x0).__name__}")
-        n = int(torch.randint(0, len(grid) - 1, ()))
+        if pair is not None and not (isinstance(pair, int) and 0 <= pair < len(grid) - 1):
+            raise ValueError(f"pair must be an int in [0, {len(grid) - 2}] (num_steps pairs); got {pair!r}")
+        n = int(torch.randint(0, len(grid) - 1, ())) if pair is None else pair
         t_hi, t_lo = grid[n], grid[n + 1]
         ab = alpha_bar.to(x0.device)
         x_hi = ab[t_hi].sqrt() * x0 + (1 - ab[t_hi]).sqrt() * torch.randn_like(x0)

@@ -163,6 +163,12 @@ def test_consistency_distillation_loss_is_zero_for_the_exact_consistency_functio
     boundary = values > 1e-6
     assert 0 < boundary.sum() < len(values) and values[~boundary].max() < 1e-20
     torch.testing.assert_close(values[boundary], x0.pow(2).mean().expand(int(boundary.sum())))  # |0 - x0|^2
+    # pair= picks the pair: the wrong function is consistent on the grid's pairs and off only at the boundary
+    by_pair = [loss_fn(wrong, x0.expand(6, -1, -1, -1), pair=n).item() for n in range(4)]
+    assert max(by_pair[:3]) < 1e-20 and by_pair[3] == pytest.approx(x0.pow(2).mean().item(), rel=1e-9), by_pair
+    for bad in [-1, 4, 1.0]:
+        with pytest.raises(ValueError, match="pair"):
+            loss_fn(wrong, x0, pair=bad)
 
 
 def test_consistency_distillation_loss_moves_only_the_student_and_pulls_the_target():
