@@ -79,16 +79,20 @@ def test_trailing_timesteps_rejects_bad_counts():
 
 
 class _Oracle(torch.nn.Module):
-    """The exact v-prediction for a data set of one image x0: v = sqrt(ab) eps - sqrt(1 - ab) x0."""
+    """The exact prediction for a data set of one image x0: its eps, or v = sqrt(ab) eps - sqrt(1 - ab) x0.
 
-    def __init__(self, x0, alpha_bar):
+    As an eps-prediction it is the teacher whose ODE ends at x0 from anywhere; as a v-prediction,
+    read by consistency_x0, it is that ODE's exact consistency function.
+    """
+
+    def __init__(self, x0, alpha_bar, prediction: str = "v"):
         super().__init__()
-        self.x0, self.alpha_bar = x0, alpha_bar
+        self.x0, self.alpha_bar, self.prediction = x0, alpha_bar, prediction
 
     def forward(self, x, t):
         ab = helpers.append_dims(self.alpha_bar[t], x.ndim)
         eps = (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
-        return ab.sqrt() * eps - (1 - ab).sqrt() * self.x0
+        return eps if self.prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * self.x0
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 4])
@@ -132,24 +136,12 @@ def test_consistency_regression_loss_falls():
         loss_fn(model, (x0[:4], states[:4, :2]))
 
 
-class _EpsOracle(torch.nn.Module):
-    """The exact eps-prediction for a data set of one image x0: the teacher whose ODE ends at x0 from anywhere."""
-
-    def __init__(self, x0, alpha_bar):
-        super().__init__()
-        self.x0, self.alpha_bar = x0, alpha_bar
-
-    def forward(self, x, t):
-        ab = helpers.append_dims(self.alpha_bar[t], x.ndim)
-        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
-
-
 def test_consistency_distillation_loss_is_zero_for_the_exact_consistency_function():
     # One training image: the teacher's ODE maps every x_t to it, so the true consistency function
     # (the v-oracle read by consistency_x0) has zero loss at every adjacent pair, the boundary included.
     alpha_bar = helpers.get_schedule("linear").alpha_bar.double()
     x0 = (torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.6 - 0.8)
-    teacher, exact = _EpsOracle(x0, alpha_bar), _Oracle(x0, alpha_bar)
+    teacher, exact = _Oracle(x0, alpha_bar, "eps"), _Oracle(x0, alpha_bar)
     loss_fn = mmdit.consistency_distillation_loss(teacher, _Oracle(x0, alpha_bar), alpha_bar, 4, target_decay=0.9)
     torch.manual_seed(0)
     values = [loss_fn(exact, x0.expand(6, -1, -1, -1)).item() for _ in range(40)]  # 40 draws of the 4 + 1 pairs
@@ -202,7 +194,7 @@ def test_consistency_distillation_learns_the_data_through_the_boundary():
     x0 = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
     torch.manual_seed(0)
     student = helpers.models.digits_unet(widths=(16, 16), attention=False)
-    loss_fn = mmdit.consistency_distillation_loss(_EpsOracle(x0, alpha_bar), copy.deepcopy(student), alpha_bar, 2,
+    loss_fn = mmdit.consistency_distillation_loss(_Oracle(x0, alpha_bar, "eps"), copy.deepcopy(student), alpha_bar, 2,
                                                   target_decay=0.5)
     noise = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     before = (mmdit.consistency_sample(student.eval(), noise, alpha_bar, 1) - x0).abs().mean()
