@@ -537,6 +537,7 @@ def sample_frames(
     guidance_scale: float = 1.0,
     num_inference_steps: int = 20,
     generator: torch.Generator | None = None,
+    teacher: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Latent clips ``(B, F, C, H, W)`` from a :func:`frame_unet`, one frame after another.
 
@@ -544,6 +545,11 @@ def sample_frames(
     over the text states, the context shared by both halves), conditioned on the frame
     sampled before it. ``first`` ``(B, C, H, W)`` is the given first frame (image-to-video);
     without it, frame 0 is sampled from the caption too (text-to-video).
+
+    ``teacher`` ``(B, frames, C, H, W)``: teacher forcing, to tell the error of one step from
+    the errors that accumulate. Frame 0 is ``teacher[:, 0]`` and frame f is sampled given the
+    *real* frame ``teacher[:, f - 1]`` instead of the sampled one (``first`` must then be
+    ``None``). The noise drawn from ``generator`` is the same as without it.
     """
     if states.ndim != 3:
         raise ValueError(f"states must be (B, L, D); got {tuple(states.shape)}")
@@ -553,13 +559,20 @@ def sample_frames(
     C, size = unet.config.out_channels, unet.config.sample_size
     if first is not None and first.shape != (B, C, size, size):
         raise ValueError(f"first must be (B, C, H, W) = {(B, C, size, size)}; got {tuple(first.shape)}")
+    if teacher is not None:
+        if first is not None:
+            raise ValueError("pass first or teacher, not both: teacher[:, 0] is the first frame")
+        if teacher.shape != (B, frames, C, size, size):
+            raise ValueError(f"teacher must be (B, frames, C, H, W) = {(B, frames, C, size, size)}; got {tuple(teacher.shape)}")
+        first = teacher[:, 0]
     clip = [first.to(device)] if first is not None else []
     guided = guidance_scale != 1
     cond = torch.cat([null_states.expand_as(states), states]) if guided else states
     while len(clip) < frames:
         f = torch.full((B,), len(clip), device=device)
         like = torch.empty(B, C, size, size, device=device)
-        context = frame_context(clip[-1] if clip else None, f, frames, like)
+        previous = teacher[:, len(clip) - 1].to(device) if teacher is not None else clip[-1] if clip else None
+        context = frame_context(previous, f, frames, like)
         x = torch.randn((B, C, size, size), generator=generator).to(device) * scheduler.init_noise_sigma
         scheduler.set_timesteps(num_inference_steps, device=device)
         for t in scheduler.timesteps:

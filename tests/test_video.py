@@ -394,3 +394,34 @@ def test_sample_frames_keeps_the_given_first_frame_and_conditions_on_the_last():
         video.sample_frames(unet, scheduler, states, first=first[:, :, :4], frames=3)
     with pytest.raises(ValueError, match="null_states"):
         video.sample_frames(unet, scheduler, states, guidance_scale=2.0)
+
+
+def test_sample_frames_with_a_teacher_conditions_each_frame_on_the_real_one_before():
+    from diffusers import DDIMScheduler
+
+    _, unet = _tiny_frame_unet()
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:8].normal_()  # a model that reads the previous frame
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    states = torch.randn(2, 12, 64)
+    teacher = torch.randn(2, 4, 4, 8, 8)
+
+    def forced(real):
+        return video.sample_frames(unet, scheduler, states, frames=4, num_inference_steps=3, teacher=real,
+                                   generator=torch.Generator().manual_seed(0))
+
+    out = forced(teacher)
+    assert torch.equal(out[:, 0], teacher[:, 0])
+    # Frame f reads teacher frame f - 1 only: changing real frame 1 changes sampled frame 2 and nothing else.
+    other = teacher.clone()
+    other[:, 1] += 1
+    moved = (forced(other) - out).abs().amax((0, 2, 3, 4))
+    assert moved[2] > 1e-3 and moved[[0, 1, 3]].max() == 0, moved
+    # Frame 1 given real frame 0 is image-to-video's frame 1 from the same noise.
+    free = video.sample_frames(unet, scheduler, states, first=teacher[:, 0], frames=4, num_inference_steps=3,
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(free[:, :2], out[:, :2]) and (free[:, 2:] - out[:, 2:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="teacher"):
+        video.sample_frames(unet, scheduler, states, frames=4, teacher=teacher[:, :3])
+    with pytest.raises(ValueError, match="first or teacher"):
+        video.sample_frames(unet, scheduler, states, first=teacher[:, 0], frames=4, teacher=teacher)
