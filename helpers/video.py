@@ -37,6 +37,7 @@ __all__ = [
     "centroids",
     "colour_names",
     "colour_spread",
+    "context_frames_of",
     "frame_change",
     "frame_context",
     "frame_objective",
@@ -433,13 +434,30 @@ def sample_clips(
 CONTEXT_CHANNELS = 2  # beyond the previous frame's channels: a "seen" mask and the frame index
 
 
-def frame_context(previous: torch.Tensor | None, frame: torch.Tensor, frames: int, like: torch.Tensor) -> torch.Tensor:
+def context_frames_of(unet) -> int:
+    """How many previous frames a :func:`frame_unet` reads, from its input and output channels."""
+    C, inputs = unet.config.out_channels, unet.config.in_channels
+    k, rest = divmod(inputs - C - 1, C + 1)
+    if k < 1 or rest:
+        raise ValueError(f"a frame U-Net has C + K (C + 1) + 1 input channels for K >= 1 previous frames; "
+                         f"got {inputs} inputs for C = {C} outputs")
+    return k
+
+
+def frame_context(previous: torch.Tensor | None, frame: torch.Tensor, frames: int, like: torch.Tensor,
+                  context_frames: int = 1) -> torch.Tensor:
     """The extra input channels of :func:`frame_unet` for frames ``frame`` (``(B,)`` ints) of ``frames``.
 
-    ``(B, C + 2, H, W)``: the previous frame's latents ``previous`` ``(B, C, H, W)``, zeroed for
-    frame 0 (which has none; ``previous`` may then be ``None``); a mask channel, 1 where a
-    previous frame is seen; and the constant ``frame / (frames - 1)``, so that the model knows
-    how far into the clip it is. ``like`` gives the shape ``(B, C, H, W)``, dtype and device.
+    With one previous frame, ``(B, C + 2, H, W)``: the previous frame's latents ``previous``
+    ``(B, C, H, W)``, zeroed for frame 0 (which has none; ``previous`` may then be ``None``); a
+    mask channel, 1 where a previous frame is seen; and the constant ``frame / (frames - 1)``,
+    so that the model knows how far into the clip it is. ``like`` gives the shape
+    ``(B, C, H, W)``, dtype and device.
+
+    With K previous frames (``previous`` ``(B, K, C, H, W)``, the latest first, or ``None`` and
+    ``context_frames=K``), ``(B, K C + K + 1, H, W)``: the K frames, K masks (frame ``f - 1 - k``
+    is seen where ``f > k``; unseen frames are zeroed) and the index. Two frames tell a velocity,
+    which one frame cannot.
     """
     if frame.ndim != 1 or len(frame) != len(like) or frames < 2:
         raise ValueError(f"frame must be (B,) = ({len(like)},) frame indices and frames >= 2; "
@@ -447,26 +465,42 @@ def frame_context(previous: torch.Tensor | None, frame: torch.Tensor, frames: in
     if bool(((frame < 0) | (frame >= frames)).any()):
         raise ValueError(f"frame indices must lie in [0, {frames}); got {frame.tolist()}")
     B, _, H, W = like.shape
-    seen = append_dims((frame > 0).to(like.dtype), 4)  # (B, 1, 1, 1)
-    prev = torch.zeros_like(like) if previous is None else previous.to(like) * seen
     position = append_dims(frame.to(like.dtype) / (frames - 1), 4)
-    return torch.cat([prev, seen.expand(B, 1, H, W), position.expand(B, 1, H, W)], 1)
+    if previous is not None and previous.ndim == 5:
+        context_frames = previous.shape[1]
+    if not isinstance(context_frames, int) or context_frames < 1:
+        raise ValueError(f"context_frames must be an int >= 1; got {context_frames!r}")
+    if context_frames == 1 and (previous is None or previous.ndim == 4):
+        seen = append_dims((frame > 0).to(like.dtype), 4)  # (B, 1, 1, 1)
+        prev = torch.zeros_like(like) if previous is None else previous.to(like) * seen
+        return torch.cat([prev, seen.expand(B, 1, H, W), position.expand(B, 1, H, W)], 1)
+    K = context_frames
+    if previous is not None and previous.shape != (B, K, *like.shape[1:]):
+        raise ValueError(f"previous must be (B, K, C, H, W) = {(B, K, *like.shape[1:])}; got {tuple(previous.shape)}")
+    seen = torch.stack([(frame > k).to(like.dtype) for k in range(K)], 1)  # (B, K)
+    prev = (torch.zeros(B, K, *like.shape[1:], dtype=like.dtype, device=like.device) if previous is None
+            else previous.to(like) * append_dims(seen, 5))
+    masks = seen[:, :, None, None].expand(B, K, H, W)
+    return torch.cat([prev.flatten(1, 2), masks, position.expand(B, 1, H, W)], 1)
 
 
-def frame_unet(unet2d):
+def frame_unet(unet2d, context_frames: int = 1):
     """An image ``UNet2DConditionModel`` that also reads :func:`frame_context`: MCVD's conditioning.
 
     A copy of ``unet2d`` whose input convolution takes ``2 C + 2`` channels: the noisy frame
-    (C), the previous frame (C), the mask and the frame index. The weights of the new input
-    channels start at zero, so before training the model *is* the image model, whatever the
-    context (as SD's inpainting and InstructPix2Pix start theirs).
+    (C), the previous frame (C), the mask and the frame index; with ``context_frames=K``,
+    ``C + K (C + 1) + 1``. The weights of the new input channels start at zero, so before
+    training the model *is* the image model, whatever the context (as SD's inpainting and
+    InstructPix2Pix start theirs).
     """
     import copy
 
+    if not isinstance(context_frames, int) or context_frames < 1:
+        raise ValueError(f"context_frames must be an int >= 1; got {context_frames!r}")
     unet = copy.deepcopy(unet2d)
     old = unet.conv_in
     C = old.in_channels
-    new = torch.nn.Conv2d(2 * C + CONTEXT_CHANNELS, old.out_channels, old.kernel_size, padding=old.padding,
+    new = torch.nn.Conv2d(C + context_frames * (C + 1) + 1, old.out_channels, old.kernel_size, padding=old.padding,
                           dtype=old.weight.dtype, device=old.weight.device)
     with torch.no_grad():
         new.weight.zero_()
@@ -477,21 +511,28 @@ def frame_unet(unet2d):
     return unet
 
 
-def frame_pairs(latents: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def frame_pairs(latents: torch.Tensor, states: torch.Tensor,
+                context_frames: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every (frame, context, caption) of latent clips, as training data for :func:`frame_objective`.
 
     ``latents`` ``(N, F, C, H, W)``, ``states`` ``(N, L, D)``. Returns ``(frames, states,
     context)`` with ``N F`` rows: frame f of each clip, its clip's text states, and its
     :func:`frame_context` (frame f - 1; for f = 0 none, so the model also learns first frames
-    from the caption alone).
+    from the caption alone; with ``context_frames=K``, frames f - 1 ... f - K, those before the
+    clip masked out).
     """
     _check_clips(latents, "latents")
     N, F = latents.shape[:2]
     if states.ndim != 3 or len(states) != N:
         raise ValueError(f"states must be (N, L, D) with N={N}; got {tuple(states.shape)}")
+    if not isinstance(context_frames, int) or not 1 <= context_frames < F:
+        raise ValueError(f"context_frames must be an int in [1, {F}); got {context_frames!r}")
     frame = torch.arange(F, device=latents.device).repeat(N)  # (N*F,)
     x0 = latents.flatten(0, 1)
-    previous = torch.roll(latents, 1, dims=1).flatten(0, 1)  # frame f - 1 (frame 0's is masked out)
+    if context_frames == 1:
+        previous = torch.roll(latents, 1, dims=1).flatten(0, 1)  # frame f - 1 (frame 0's is masked out)
+    else:  # (N*F, K, C, H, W): frames f - 1, ..., f - K (those before the clip are masked out)
+        previous = torch.stack([torch.roll(latents, k + 1, dims=1) for k in range(context_frames)], 2).flatten(0, 1)
     return x0, states.repeat_interleave(F, 0), frame_context(previous, frame, F, x0)
 
 
@@ -501,7 +542,7 @@ def frame_objective(alpha_bar: torch.Tensor, prediction_type: str, null_states: 
 
     Chapter 2's loss on single frames, with the context concatenated to the noisy frame. The
     caption is replaced by ``null_states`` with probability ``cond_dropout`` (for
-    classifier-free guidance over the text; the context stays), and the previous frame gets
+    classifier-free guidance over the text; the context stays), and the seen context frames get
     Gaussian noise of standard deviation ``context_noise``, so that the model tolerates the
     small errors of its own frames when it is sampled frame after frame.
     """
@@ -512,10 +553,14 @@ def frame_objective(alpha_bar: torch.Tensor, prediction_type: str, null_states: 
     def loss(model, batch) -> torch.Tensor:
         x0, states, context = batch
         ab = alpha_bar.to(x0.device)
-        k = context.shape[1] - CONTEXT_CHANNELS  # the channels of the seen frames
+        C = x0.shape[1]
+        K, rest = divmod(context.shape[1] - 1, C + 1)  # K frames of C channels, K masks, the index
+        if K < 1 or rest:
+            raise ValueError(f"context must have K (C + 1) + 1 channels for C = {C}; got {context.shape[1]}")
         drop = torch.rand(len(x0), device=x0.device) < cond_dropout
         states = torch.where(append_dims(drop, 3), null_states.to(states).expand_as(states), states)
-        seen = context[:, k:k + 1]
+        k = K * C  # the channels of the seen frames
+        seen = context[:, k:k + 1] if K == 1 else context[:, k:k + K].repeat_interleave(C, 1)
         frames = context[:, :k] + context_noise * torch.randn_like(context[:, :k]) * seen
         context = torch.cat([frames, context[:, k:]], 1)
         t = torch.randint(0, T, (len(x0),), device=x0.device)
@@ -543,7 +588,7 @@ def sample_frames(
 
     Each frame is a full reverse diffusion with ``scheduler`` (and classifier-free guidance
     over the text states, the context shared by both halves), conditioned on the frame
-    sampled before it. ``first`` ``(B, C, H, W)`` is the given first frame (image-to-video);
+    sampled before it (on the K frames before it, for a ``frame_unet(..., context_frames=K)``). ``first`` ``(B, C, H, W)`` is the given first frame (image-to-video);
     without it, frame 0 is sampled from the caption too (text-to-video).
 
     ``teacher`` ``(B, frames, C, H, W)``: teacher forcing, to tell the error of one step from
@@ -566,13 +611,18 @@ def sample_frames(
             raise ValueError(f"teacher must be (B, frames, C, H, W) = {(B, frames, C, size, size)}; got {tuple(teacher.shape)}")
         first = teacher[:, 0]
     clip = [first.to(device)] if first is not None else []
+    K = context_frames_of(unet)
     guided = guidance_scale != 1
     cond = torch.cat([null_states.expand_as(states), states]) if guided else states
     while len(clip) < frames:
         f = torch.full((B,), len(clip), device=device)
         like = torch.empty(B, C, size, size, device=device)
-        previous = teacher[:, len(clip) - 1].to(device) if teacher is not None else clip[-1] if clip else None
-        context = frame_context(previous, f, frames, like)
+        source = [teacher[:, i].to(device) for i in range(len(clip))] if teacher is not None else clip
+        if K == 1:
+            previous = source[-1] if source else None
+        else:  # frames f - 1, ..., f - K; those before the clip are zeros (frame_context masks them)
+            previous = torch.stack([source[-1 - k] if k < len(source) else torch.zeros_like(like) for k in range(K)], 1)
+        context = frame_context(previous, f, frames, like, context_frames=K)
         x = torch.randn((B, C, size, size), generator=generator).to(device) * scheduler.init_noise_sigma
         scheduler.set_timesteps(num_inference_steps, device=device)
         for t in scheduler.timesteps:

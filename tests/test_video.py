@@ -425,3 +425,88 @@ def test_sample_frames_with_a_teacher_conditions_each_frame_on_the_real_one_befo
         video.sample_frames(unet, scheduler, states, frames=4, teacher=teacher[:, :3])
     with pytest.raises(ValueError, match="first or teacher"):
         video.sample_frames(unet, scheduler, states, first=teacher[:, 0], frames=4, teacher=teacher)
+
+
+def test_frame_context_of_several_previous_frames_masks_those_before_the_clip():
+    like = torch.zeros(3, 4, 8, 8)
+    prev = torch.randn(3, 2, 4, 8, 8)  # frames f - 1 and f - 2
+    ctx = video.frame_context(prev, torch.tensor([0, 1, 5]), 8, like)
+    assert ctx.shape == (3, 2 * 4 + 2 + 1, 8, 8)
+    assert (ctx[0, :8] == 0).all()  # frame 0 sees nothing
+    assert torch.equal(ctx[1, :4], prev[1, 0]) and (ctx[1, 4:8] == 0).all()  # frame 1 sees frame 0 only
+    assert torch.equal(ctx[2, :8], prev[2].flatten(0, 1))  # frame 5 sees frames 4 and 3
+    assert torch.equal(ctx[:, 8:10, 0, 0], torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]))
+    torch.testing.assert_close(ctx[:, 10, 2, 2], torch.tensor([0.0, 1 / 7, 5 / 7]))
+    assert torch.equal(video.frame_context(None, torch.tensor([0, 0, 0]), 8, like, context_frames=2)[:, :10],
+                       torch.zeros(3, 10, 8, 8))
+    # One previous frame as (B, 1, C, H, W) is the one-frame layout.
+    one = torch.randn(3, 4, 8, 8)
+    f = torch.tensor([0, 1, 5])
+    assert torch.equal(video.frame_context(one[:, None], f, 8, like), video.frame_context(one, f, 8, like))
+    with pytest.raises(ValueError, match="previous"):
+        video.frame_context(prev, f, 8, like[:, :3])
+    with pytest.raises(ValueError, match="context_frames"):
+        video.frame_context(None, f, 8, like, context_frames=0)
+
+
+def test_frame_pairs_with_two_context_frames_pair_each_frame_with_the_two_before():
+    latents, states = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 12, 64)
+    x0, _, ctx = video.frame_pairs(latents, states, context_frames=2)
+    assert ctx.shape == (8, 11, 8, 8)
+    for n in range(2):
+        for f in range(4):
+            row = n * 4 + f
+            for k in range(2):
+                expected = latents[n, f - 1 - k] if f - 1 - k >= 0 else torch.zeros(4, 8, 8)
+                assert torch.equal(ctx[row, 4 * k:4 * k + 4], expected)
+                assert ctx[row, 8 + k, 0, 0] == (f > k)
+    with pytest.raises(ValueError, match="context_frames"):
+        video.frame_pairs(latents, states, context_frames=4)
+
+
+def test_a_two_frame_model_starts_as_the_image_model_trains_and_reads_both_frames():
+    from diffusers import DDIMScheduler
+
+    import helpers
+    from helpers import training
+
+    unet2d, _ = _tiny_frame_unet()
+    unet = video.frame_unet(unet2d, context_frames=2)
+    assert unet.config.in_channels == 4 + 2 * 5 + 1 and video.context_frames_of(unet) == 2
+    assert video.context_frames_of(video.frame_unet(unet2d)) == 1
+    with pytest.raises(ValueError, match="input channels"):
+        video.context_frames_of(unet2d)
+    x, t, states = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 12, 64)
+    with torch.no_grad():
+        image = unet2d(x, t, encoder_hidden_states=states).sample
+        framed = unet(torch.cat([x, torch.randn(2, 11, 8, 8)], 1), t, encoder_hidden_states=states).sample
+    torch.testing.assert_close(framed, image)
+
+    clips = make_clips(16, frames=4, size=32, seed=0)
+    latents = torch.nn.functional.avg_pool2d(clips.videos.flatten(0, 1), 4).reshape(16, 4, 3, 8, 8)
+    latents = torch.cat([latents, latents[:, :, :1]], 2)  # 4 channels: pooled pixels stand in for latents
+    data = video.frame_pairs(latents, torch.zeros(16, 12, 64), context_frames=2)
+    objective = video.frame_objective(helpers.get_schedule("scaled_linear").alpha_bar, "v_prediction",
+                                      torch.zeros(12, 64))
+    before = unet.conv_in.weight[:, 4:].detach().clone()
+    result = training.train(unet, data, objective, steps=30, batch_size=16, lr=2e-3, warmup_steps=1,
+                            ema_decay=None, progress=False, device="cpu")
+    assert (result.model.conv_in.weight[:, 4:] - before).abs().max() > 0
+    assert sum(result.losses[-10:]) / 10 < sum(result.losses[:5]) / 5
+
+    # Sampling reads the two frames before each one: with a teacher, changing real frame 1
+    # changes sampled frames 2 and 3 (which see it as f - 1 and f - 2) and nothing else.
+    model = result.model.eval()
+    with torch.no_grad():
+        model.conv_in.weight[:, 4:12].normal_()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    teacher = torch.randn(2, 5, 4, 8, 8)
+
+    def forced(real):
+        return video.sample_frames(model, scheduler, states, frames=5, num_inference_steps=2, teacher=real,
+                                   generator=torch.Generator().manual_seed(0))
+
+    other = teacher.clone()
+    other[:, 1] += 1
+    moved = (forced(other) - forced(teacher)).abs().amax((0, 2, 3, 4))
+    assert moved[2] > 1e-3 and moved[3] > 1e-3 and moved[[0, 1, 4]].max() == 0, moved
