@@ -465,23 +465,18 @@ def frame_context(previous: torch.Tensor | None, frame: torch.Tensor, frames: in
     if bool(((frame < 0) | (frame >= frames)).any()):
         raise ValueError(f"frame indices must lie in [0, {frames}); got {frame.tolist()}")
     B, _, H, W = like.shape
-    position = append_dims(frame.to(like.dtype) / (frames - 1), 4)
-    if previous is not None and previous.ndim == 5:
-        context_frames = previous.shape[1]
-    if not isinstance(context_frames, int) or context_frames < 1:
+    if previous is not None and previous.ndim == 4:
+        previous = previous[:, None]  # one previous frame
+    K = previous.shape[1] if previous is not None else context_frames
+    if not isinstance(K, int) or K < 1:
         raise ValueError(f"context_frames must be an int >= 1; got {context_frames!r}")
-    if context_frames == 1 and (previous is None or previous.ndim == 4):
-        seen = append_dims((frame > 0).to(like.dtype), 4)  # (B, 1, 1, 1)
-        prev = torch.zeros_like(like) if previous is None else previous.to(like) * seen
-        return torch.cat([prev, seen.expand(B, 1, H, W), position.expand(B, 1, H, W)], 1)
-    K = context_frames
     if previous is not None and previous.shape != (B, K, *like.shape[1:]):
         raise ValueError(f"previous must be (B, K, C, H, W) = {(B, K, *like.shape[1:])}; got {tuple(previous.shape)}")
-    seen = torch.stack([(frame > k).to(like.dtype) for k in range(K)], 1)  # (B, K)
+    seen = torch.stack([(frame > k).to(like.dtype) for k in range(K)], 1)  # (B, K): frame f - 1 - k exists
     prev = (torch.zeros(B, K, *like.shape[1:], dtype=like.dtype, device=like.device) if previous is None
             else previous.to(like) * append_dims(seen, 5))
-    masks = seen[:, :, None, None].expand(B, K, H, W)
-    return torch.cat([prev.flatten(1, 2), masks, position.expand(B, 1, H, W)], 1)
+    position = append_dims(frame.to(like.dtype) / (frames - 1), 4)
+    return torch.cat([prev.flatten(1, 2), seen[:, :, None, None].expand(B, K, H, W), position.expand(B, 1, H, W)], 1)
 
 
 def frame_unet(unet2d, context_frames: int = 1):
@@ -529,10 +524,8 @@ def frame_pairs(latents: torch.Tensor, states: torch.Tensor,
         raise ValueError(f"context_frames must be an int in [1, {F}); got {context_frames!r}")
     frame = torch.arange(F, device=latents.device).repeat(N)  # (N*F,)
     x0 = latents.flatten(0, 1)
-    if context_frames == 1:
-        previous = torch.roll(latents, 1, dims=1).flatten(0, 1)  # frame f - 1 (frame 0's is masked out)
-    else:  # (N*F, K, C, H, W): frames f - 1, ..., f - K (those before the clip are masked out)
-        previous = torch.stack([torch.roll(latents, k + 1, dims=1) for k in range(context_frames)], 2).flatten(0, 1)
+    # (N*F, K, C, H, W): frames f - 1, ..., f - K (those before the clip wrap around and are masked out)
+    previous = torch.stack([torch.roll(latents, k + 1, dims=1) for k in range(context_frames)], 2).flatten(0, 1)
     return x0, states.repeat_interleave(F, 0), frame_context(previous, frame, F, x0)
 
 
@@ -560,7 +553,7 @@ def frame_objective(alpha_bar: torch.Tensor, prediction_type: str, null_states: 
         drop = torch.rand(len(x0), device=x0.device) < cond_dropout
         states = torch.where(append_dims(drop, 3), null_states.to(states).expand_as(states), states)
         k = K * C  # the channels of the seen frames
-        seen = context[:, k:k + 1] if K == 1 else context[:, k:k + K].repeat_interleave(C, 1)
+        seen = context[:, k:k + K].repeat_interleave(C, 1)  # each frame's mask over its C channels
         frames = context[:, :k] + context_noise * torch.randn_like(context[:, :k]) * seen
         context = torch.cat([frames, context[:, k:]], 1)
         t = torch.randint(0, T, (len(x0),), device=x0.device)
@@ -588,8 +581,9 @@ def sample_frames(
 
     Each frame is a full reverse diffusion with ``scheduler`` (and classifier-free guidance
     over the text states, the context shared by both halves), conditioned on the frame
-    sampled before it (on the K frames before it, for a ``frame_unet(..., context_frames=K)``). ``first`` ``(B, C, H, W)`` is the given first frame (image-to-video);
-    without it, frame 0 is sampled from the caption too (text-to-video).
+    sampled before it (on the K frames before it, for a ``frame_unet(..., context_frames=K)``).
+    ``first`` ``(B, C, H, W)`` is the given first frame (image-to-video); without it, frame 0 is
+    sampled from the caption too (text-to-video).
 
     ``teacher`` ``(B, frames, C, H, W)``: teacher forcing, to tell the error of one step from
     the errors that accumulate. Frame 0 is ``teacher[:, 0]`` and frame f is sampled given the
@@ -609,7 +603,8 @@ def sample_frames(
             raise ValueError("pass first or teacher, not both: teacher[:, 0] is the first frame")
         if teacher.shape != (B, frames, C, size, size):
             raise ValueError(f"teacher must be (B, frames, C, H, W) = {(B, frames, C, size, size)}; got {tuple(teacher.shape)}")
-        first = teacher[:, 0]
+        real = list(teacher.to(device).unbind(1))
+        first = real[0]
     clip = [first.to(device)] if first is not None else []
     K = context_frames_of(unet)
     guided = guidance_scale != 1
@@ -617,12 +612,10 @@ def sample_frames(
     while len(clip) < frames:
         f = torch.full((B,), len(clip), device=device)
         like = torch.empty(B, C, size, size, device=device)
-        source = [teacher[:, i].to(device) for i in range(len(clip))] if teacher is not None else clip
-        if K == 1:
-            previous = source[-1] if source else None
-        else:  # frames f - 1, ..., f - K; those before the clip are zeros (frame_context masks them)
-            previous = torch.stack([source[-1 - k] if k < len(source) else torch.zeros_like(like) for k in range(K)], 1)
-        context = frame_context(previous, f, frames, like, context_frames=K)
+        source = real[:len(clip)] if teacher is not None else clip
+        # frames f - 1, ..., f - K; those before the clip are zeros (frame_context masks them)
+        previous = torch.stack([source[-1 - k] if k < len(source) else torch.zeros_like(like) for k in range(K)], 1)
+        context = frame_context(previous, f, frames, like)
         x = torch.randn((B, C, size, size), generator=generator).to(device) * scheduler.init_noise_sigma
         scheduler.set_timesteps(num_inference_steps, device=device)
         for t in scheduler.timesteps:
