@@ -95,12 +95,8 @@ def add_words(text_encoder, words: tuple[str, ...] = VIDEO_WORDS, seed: int = 0,
     from an existing word's row: ``<unk>``'s, what the word was read as before, plus Gaussian
     noise of ``noise`` times the rows' standard deviation (drawn with ``seed``). So each new
     word gets its own state, close to the states the models downstream already know, and a
-    model that reads the states learns what the words mean. (Rows drawn from scratch put the
-    prompts' pooled text far from anything the image U-Net saw, and training the video model
-    on them then depended on the draw. So did noise of 0.3: chapter 9.2's frame model, given
-    the words of seeds 1 and 2, stalled at a loss near 0.19, against 0.064 for seed 0; at 0.1
-    all three seeds train to 0.062-0.063.) Every old word keeps its id and its row, so old prompts
-    encode exactly as before.
+    model that reads the states learns what the words mean. Every old word keeps its id and its
+    row, so old prompts encode exactly as before.
     """
     tokenizer = shapes_tokenizer(extra_words=tuple(words))
     table = text_encoder.get_input_embeddings().weight

@@ -376,7 +376,7 @@ def inflate_unet(unet2d):
         if type(module).__name__ == "TransformerTemporalModel":
             torch.nn.init.zeros_(module.proj_out.weight)
             torch.nn.init.zeros_(module.proj_out.bias)
-    return unet3d, sorted(copied)
+    return unet3d.requires_grad_(True), sorted(copied)  # all of it trainable, whatever unet2d's flags
 
 
 def _pooled_text_pre_hook(unet3d, args, kwargs):
@@ -486,7 +486,8 @@ def frame_unet(unet2d, context_frames: int = 1):
     (C), the previous frame (C), the mask and the frame index; with ``context_frames=K``,
     ``C + K (C + 1) + 1``. The weights of the new input channels start at zero, so before
     training the model *is* the image model, whatever the context (as SD's inpainting and
-    InstructPix2Pix start theirs).
+    InstructPix2Pix start theirs). Every weight of the copy is trainable, whatever ``unet2d``'s
+    ``requires_grad`` flags (a trainer's EMA copy has them off).
     """
     import copy
 
@@ -503,7 +504,7 @@ def frame_unet(unet2d, context_frames: int = 1):
         new.bias.copy_(old.bias)
     unet.conv_in = new
     unet.register_to_config(in_channels=new.in_channels)
-    return unet
+    return unet.requires_grad_(True)  # a model to train, even when unet2d is frozen (an EMA copy, a loaded model)
 
 
 def frame_pairs(latents: torch.Tensor, states: torch.Tensor,

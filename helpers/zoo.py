@@ -396,25 +396,33 @@ def _load_or_train(name: str, folder: Path, progress: bool, retrain: bool):
     """Under the cache lock: the cached model, or a trained and saved one."""
     recipe = RECIPES[name]
     if (folder / "recipe.json").exists() and not retrain:
-        if recipe.kind == "latent_diffusion":
-            from diffusers import StableDiffusionPipeline
-
-            model = StableDiffusionPipeline.from_pretrained(folder)
-        else:
-            model = type(build(name)).from_pretrained(folder)
+        model = _from_folder(name, folder)
         print(f"zoo: loaded {name} from {folder}")
     else:
         start = time.perf_counter()
-        model, result = TRAINERS[recipe.kind](recipe, progress)
+        trained, result = TRAINERS[recipe.kind](recipe, progress)
         folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
+        trained.save_pretrained(folder)
         if result.snapshots:
             torch.save(result.snapshots, folder / "snapshots.pt")
         info = asdict(recipe) | {"key": recipe.key(), "train_seconds": round(result.seconds, 1),
                                  "steps": result.steps, "losses": result.losses}
         (folder / "recipe.json").write_text(json.dumps(info, indent=1))  # written last: marks completion
         print(f"zoo: trained {name} in {time.perf_counter() - start:.0f} s -> {folder}")
+        # What the trainer returns is not what a later load gets: an EMA copy has requires_grad off
+        # (a frozen U-Net that a fine-tune built from it could not train), a pipeline's modules may
+        # be in training mode. So the first call returns the saved model too, as every later one.
+        model = _from_folder(name, folder)
     return model
+
+
+def _from_folder(name: str, folder: Path):
+    """Recipe ``name``'s model as saved in ``folder``."""
+    if RECIPES[name].kind == "latent_diffusion":
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(folder)
+    return type(build(name)).from_pretrained(folder)
 
 
 def load_checkpoint(model_id: str, device: torch.device | str = "cpu", allow_no_safety_checker: bool = False):

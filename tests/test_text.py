@@ -149,6 +149,12 @@ def test_miniature_stable_diffusion_trains_saves_reloads_and_generates(tmp_path,
     second = again(["a large red circle on the left"], negative_prompt=["a blue square"],
                    generator=torch.Generator().manual_seed(0), **kwargs).images
     torch.testing.assert_close(first, second)
+    # The call that trained returns what the cache gives later: the same weights and flags (a
+    # trainer's EMA U-Net has requires_grad off, and a video model fine-tuned from it stalled).
+    for a, b in ((pipe.unet, again.unet), (pipe.vae, again.vae), (pipe.text_encoder, again.text_encoder)):
+        assert [(k, p.requires_grad) for k, p in a.named_parameters()] == [(k, p.requires_grad) for k, p in b.named_parameters()]
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+        assert a.training == b.training
 
 
 def test_retrieve_returns_one_candidate_per_image():

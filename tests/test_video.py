@@ -348,6 +348,17 @@ def test_frame_unet_at_init_is_the_image_unet_whatever_the_context():
     assert unet2d.conv_in.weight.shape[1] == 4  # the image model itself is untouched
 
 
+def test_video_models_built_from_a_frozen_image_unet_train_all_their_weights():
+    """A trainer's EMA copy has requires_grad off; a video model made from it must still train everywhere."""
+    from helpers import models
+
+    torch.manual_seed(0)
+    frozen = models.shapes_unet(widths=(32, 64)).requires_grad_(False)
+    for model in (video.frame_unet(frozen), video.frame_unet(frozen, context_frames=2), video.inflate_unet(frozen)[0]):
+        assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in frozen.parameters())  # the image model keeps its flags
+
+
 def test_frame_objective_trains_the_context_channels_and_its_loss_falls():
     import helpers
     from helpers import training
