@@ -431,7 +431,8 @@ def sample_clips(
 
 # --- a frame-conditional video model (MCVD) ---------------------------------------------------
 
-CONTEXT_CHANNELS = 2  # beyond the previous frame's channels: a "seen" mask and the frame index
+CONTEXT_CHANNELS = 2  # beyond one previous frame's channels: its "seen" mask and the frame index (K = 1;
+# K frames add K masks and one index); a description of frame_context's layout, not a setting
 
 
 def context_frames_of(unet) -> int:

@@ -521,3 +521,76 @@ def test_a_two_frame_model_starts_as_the_image_model_trains_and_reads_both_frame
     other[:, 1] += 1
     moved = (forced(other) - forced(teacher)).abs().amax((0, 2, 3, 4))
     assert moved[2] > 1e-3 and moved[3] > 1e-3 and moved[[0, 1, 4]].max() == 0, moved
+
+
+# --- chapter 9.2's exercise solutions: their code must run against these helpers --------------
+
+
+def _solution_code(label: str) -> str:
+    """The first ```python block of chapter 9.2's solution to exercise ``label``."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "chapters" / "09_video_motion.md").read_text()
+    solution = page[page.index(f":::{{solution-start}} {label}"):]
+    solution = solution[:solution.index(":::{solution-end}")]
+    return solution[solution.index("```python\n") + len("```python\n"):].split("\n```", 1)[0]
+
+
+def _solution_namespace():
+    """What the page defines before its exercises, at test size (a tiny U-Net, pooled pixels as latents)."""
+    import types
+
+    unet2d, _ = _tiny_frame_unet()
+    clips = make_clips(6, frames=4, size=32, seed=0)
+    latents = torch.nn.functional.avg_pool2d(clips.videos.flatten(0, 1), 4).reshape(6, 4, 3, 8, 8)
+    latents = torch.cat([latents, latents[:, :, :1]], 2)  # 4 channels
+    text = types.SimpleNamespace(encode_prompts=lambda encoder, tokenizer, prompts: torch.zeros(len(prompts), 12, 64))
+    return {"torch": torch, "video": video, "unet2d": unet2d, "device": torch.device("cpu"), "clips": clips,
+            "latents": latents, "text": text, "text_encoder": None, "tokenizer": None}
+
+
+def _frame_objective():
+    import helpers
+
+    return video.frame_objective(helpers.get_schedule("scaled_linear").alpha_bar, "v_prediction", torch.zeros(12, 64))
+
+
+def test_the_anchor_solution_puts_frame_0_in_the_second_context_slot():
+    ns = _solution_namespace()
+    exec(_solution_code("ex-09b-anchor"), ns)
+    model, (x0, states, context), latents = ns["model_anchored"], ns["data_anchored"], ns["latents"]
+    N, F, C = latents.shape[:3]
+    assert video.context_frames_of(model) == 2 and context.shape == (N * F, 2 * C + 3, 8, 8)
+    frame = torch.arange(F).repeat(N)
+    first = latents[:, :1].expand(-1, F, -1, -1, -1).flatten(0, 1)
+    previous = torch.roll(latents, 1, dims=1).flatten(0, 1)
+    later = frame >= 2  # the anchor's mask is off at frames 0 and 1, whose previous frame is frame 0 or none
+    assert torch.equal(context[later, C:2 * C], first[later]) and context[~later, C:2 * C].abs().max() == 0
+    assert torch.equal(context[frame >= 1, :C], previous[frame >= 1])
+    assert torch.isfinite(_frame_objective()(model, (x0, states, context)))
+
+
+def test_the_index_solution_makes_the_model_blind_to_the_frame_index():
+    import copy
+
+    ns = _solution_namespace()
+    exec(_solution_code("ex-09b-index"), ns)
+    model = ns["model_no_index"].eval()
+    with torch.no_grad():
+        model.conv_in.weight.normal_()  # context weights as after training, so the index could matter
+    ema = copy.deepcopy(model)  # the trainer's EMA copy keeps the hook
+    x0, states, context = video.frame_pairs(ns["latents"][:2], torch.zeros(2, 12, 64))
+    moved = context.clone()
+    moved[:, -1] = 0.5 + moved[:, -1]
+    t = torch.full((len(x0),), 500)
+    for m in (model, ema):
+        with torch.no_grad():
+            a = m(torch.cat([x0, context], 1), t, encoder_hidden_states=states).sample
+            b = m(torch.cat([x0, moved], 1), t, encoder_hidden_states=states).sample
+        assert torch.equal(a, b)
+    plain = video.frame_unet(ns["unet2d"]).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(plain(torch.cat([x0, context], 1), t, encoder_hidden_states=states).sample,
+                               plain(torch.cat([x0, moved], 1), t, encoder_hidden_states=states).sample)
+    assert torch.isfinite(_frame_objective()(model.train(), (x0, states, context)))
