@@ -38,6 +38,7 @@ __all__ = [
     "colour_names",
     "colour_spread",
     "context_frames_of",
+    "first_frame_of",
     "frame_change",
     "frame_context",
     "frame_objective",
@@ -436,13 +437,19 @@ CONTEXT_CHANNELS = 2  # beyond one previous frame's channels: its "seen" mask an
 
 
 def context_frames_of(unet) -> int:
-    """How many previous frames a :func:`frame_unet` reads, from its input and output channels."""
+    """How many previous frames a :func:`frame_unet` reads, from its channels (and its first frame, if it reads it)."""
     C, inputs = unet.config.out_channels, unet.config.in_channels
-    k, rest = divmod(inputs - C - 1, C + 1)
+    slots, rest = divmod(inputs - C - 1, C + 1)
+    k = slots - first_frame_of(unet)
     if k < 1 or rest:
-        raise ValueError(f"a frame U-Net has C + K (C + 1) + 1 input channels for K >= 1 previous frames; "
+        raise ValueError(f"a frame U-Net has C + K (C + 1) + 1 input channels for K >= 1 context frames; "
                          f"got {inputs} inputs for C = {C} outputs")
     return k
+
+
+def first_frame_of(unet) -> bool:
+    """Whether a :func:`frame_unet` also reads frame 0 (``frame_unet(..., first_frame=True)``)."""
+    return bool(unet.config.get("first_frame", False))
 
 
 def frame_context(previous: torch.Tensor | None, frame: torch.Tensor, frames: int, like: torch.Tensor,
@@ -480,12 +487,15 @@ def frame_context(previous: torch.Tensor | None, frame: torch.Tensor, frames: in
     return torch.cat([prev.flatten(1, 2), seen[:, :, None, None].expand(B, K, H, W), position.expand(B, 1, H, W)], 1)
 
 
-def frame_unet(unet2d, context_frames: int = 1):
+def frame_unet(unet2d, context_frames: int = 1, first_frame: bool = False):
     """An image ``UNet2DConditionModel`` that also reads :func:`frame_context`: MCVD's conditioning.
 
     A copy of ``unet2d`` whose input convolution takes ``2 C + 2`` channels: the noisy frame
     (C), the previous frame (C), the mask and the frame index; with ``context_frames=K``,
-    ``C + K (C + 1) + 1``. The weights of the new input channels start at zero, so before
+    ``C + K (C + 1) + 1``. With ``first_frame=True`` it also reads frame 0 in one more slot after
+    the K previous frames, as SVD conditions every frame on the first (the slot's mask is on
+    where frame 0 is not already among the K; recorded in the config, see :func:`first_frame_of`).
+    The weights of the new input channels start at zero, so before
     training the model *is* the image model, whatever the context (as SD's inpainting and
     InstructPix2Pix start theirs). Every weight of the copy is trainable, whatever ``unet2d``'s
     ``requires_grad`` flags (a trainer's EMA copy has them off).
@@ -494,29 +504,32 @@ def frame_unet(unet2d, context_frames: int = 1):
 
     if not isinstance(context_frames, int) or context_frames < 1:
         raise ValueError(f"context_frames must be an int >= 1; got {context_frames!r}")
+    if not isinstance(first_frame, bool):
+        raise ValueError(f"first_frame must be a bool; got {first_frame!r}")
     unet = copy.deepcopy(unet2d)
     old = unet.conv_in
     C = old.in_channels
-    new = torch.nn.Conv2d(C + context_frames * (C + 1) + 1, old.out_channels, old.kernel_size, padding=old.padding,
+    slots = context_frames + first_frame
+    new = torch.nn.Conv2d(C + slots * (C + 1) + 1, old.out_channels, old.kernel_size, padding=old.padding,
                           dtype=old.weight.dtype, device=old.weight.device)
     with torch.no_grad():
         new.weight.zero_()
         new.weight[:, :C] = old.weight
         new.bias.copy_(old.bias)
     unet.conv_in = new
-    unet.register_to_config(in_channels=new.in_channels)
+    unet.register_to_config(in_channels=new.in_channels, first_frame=first_frame)
     return unet.requires_grad_(True)  # a model to train, even when unet2d is frozen (an EMA copy, a loaded model)
 
 
-def frame_pairs(latents: torch.Tensor, states: torch.Tensor,
-                context_frames: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def frame_pairs(latents: torch.Tensor, states: torch.Tensor, context_frames: int = 1,
+                first_frame: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every (frame, context, caption) of latent clips, as training data for :func:`frame_objective`.
 
     ``latents`` ``(N, F, C, H, W)``, ``states`` ``(N, L, D)``. Returns ``(frames, states,
     context)`` with ``N F`` rows: frame f of each clip, its clip's text states, and its
     :func:`frame_context` (frame f - 1; for f = 0 none, so the model also learns first frames
     from the caption alone; with ``context_frames=K``, frames f - 1 ... f - K, those before the
-    clip masked out).
+    clip masked out; with ``first_frame=True``, and frame 0, as :func:`frame_unet` reads them).
     """
     _check_clips(latents, "latents")
     N, F = latents.shape[:2]
@@ -524,10 +537,15 @@ def frame_pairs(latents: torch.Tensor, states: torch.Tensor,
         raise ValueError(f"states must be (N, L, D) with N={N}; got {tuple(states.shape)}")
     if not isinstance(context_frames, int) or not 1 <= context_frames < F:
         raise ValueError(f"context_frames must be an int in [1, {F}); got {context_frames!r}")
+    if not isinstance(first_frame, bool):
+        raise ValueError(f"first_frame must be a bool; got {first_frame!r}")
     frame = torch.arange(F, device=latents.device).repeat(N)  # (N*F,)
     x0 = latents.flatten(0, 1)
     # (N*F, K, C, H, W): frames f - 1, ..., f - K (those before the clip wrap around and are masked out)
-    previous = torch.stack([torch.roll(latents, k + 1, dims=1) for k in range(context_frames)], 2).flatten(0, 1)
+    slots = [torch.roll(latents, k + 1, dims=1) for k in range(context_frames)]
+    if first_frame:
+        slots.append(latents[:, :1].expand_as(latents))  # masked where frame 0 is among the K (f <= K)
+    previous = torch.stack(slots, 2).flatten(0, 1)
     return x0, states.repeat_interleave(F, 0), frame_context(previous, frame, F, x0)
 
 
@@ -583,7 +601,8 @@ def sample_frames(
 
     Each frame is a full reverse diffusion with ``scheduler`` (and classifier-free guidance
     over the text states, the context shared by both halves), conditioned on the frame
-    sampled before it (on the K frames before it, for a ``frame_unet(..., context_frames=K)``).
+    sampled before it (on the K frames before it, for a ``frame_unet(..., context_frames=K)``; and
+    on frame 0, for a ``frame_unet(..., first_frame=True)``).
     ``first`` ``(B, C, H, W)`` is the given first frame (image-to-video); without it, frame 0 is
     sampled from the caption too (text-to-video).
 
@@ -608,15 +627,18 @@ def sample_frames(
         real = list(teacher.to(device).unbind(1))
         first = real[0]
     clip = [first.to(device)] if first is not None else []
-    K = context_frames_of(unet)
+    K, anchored = context_frames_of(unet), first_frame_of(unet)
     guided = guidance_scale != 1
     cond = torch.cat([null_states.expand_as(states), states]) if guided else states
     while len(clip) < frames:
         f = torch.full((B,), len(clip), device=device)
         like = torch.empty(B, C, size, size, device=device)
         source = real[:len(clip)] if teacher is not None else clip
-        # frames f - 1, ..., f - K; those before the clip are zeros (frame_context masks them)
-        previous = torch.stack([source[-1 - k] if k < len(source) else torch.zeros_like(like) for k in range(K)], 1)
+        # frames f - 1, ..., f - K (and frame 0); those before the clip are zeros (frame_context masks them)
+        slots = [source[-1 - k] if k < len(source) else torch.zeros_like(like) for k in range(K)]
+        if anchored:
+            slots.append(source[0] if source else torch.zeros_like(like))
+        previous = torch.stack(slots, 1)
         context = frame_context(previous, f, frames, like)
         x = torch.randn((B, C, size, size), generator=generator).to(device) * scheduler.init_noise_sigma
         scheduler.set_timesteps(num_inference_steps, device=device)

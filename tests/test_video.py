@@ -523,6 +523,60 @@ def test_a_two_frame_model_starts_as_the_image_model_trains_and_reads_both_frame
     assert moved[2] > 1e-3 and moved[3] > 1e-3 and moved[[0, 1, 4]].max() == 0, moved
 
 
+
+def test_a_first_frame_model_reads_frame_0_in_every_later_frame():
+    from diffusers import DDIMScheduler
+
+    unet2d, _ = _tiny_frame_unet()
+    unet = video.frame_unet(unet2d, first_frame=True).eval()
+    assert unet.config.in_channels == 4 + 2 * 5 + 1
+    assert video.context_frames_of(unet) == 1 and video.first_frame_of(unet)
+    assert not video.first_frame_of(video.frame_unet(unet2d, context_frames=2))
+    with pytest.raises(ValueError, match="first_frame"):
+        video.frame_unet(unet2d, first_frame=1)
+    x, t, states = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 12, 64)
+    with torch.no_grad():  # starts as the image model, whatever the context
+        torch.testing.assert_close(unet(torch.cat([x, torch.randn(2, 11, 8, 8)], 1), t, encoder_hidden_states=states).sample,
+                                   unet2d(x, t, encoder_hidden_states=states).sample)
+
+    # Training pairs: slot 1 is frame f - 1, slot 2 is frame 0 where it is not frame f - 1 already (f >= 2).
+    latents = torch.randn(3, 5, 4, 8, 8)
+    x0, _, ctx = video.frame_pairs(latents, torch.zeros(3, 12, 64), first_frame=True)
+    frame = torch.arange(5).repeat(3)
+    first = latents[:, :1].expand(-1, 5, -1, -1, -1).flatten(0, 1)
+    later = frame >= 2
+    assert ctx.shape == (15, 11, 8, 8)
+    assert torch.equal(ctx[later, 4:8], first[later]) and ctx[~later, 4:8].abs().max() == 0
+    assert torch.equal(ctx[later, 9], torch.ones(int(later.sum()), 8, 8)) and ctx[~later, 9].abs().max() == 0
+    assert torch.equal(ctx[frame >= 1, :4], torch.roll(latents, 1, dims=1).flatten(0, 1)[frame >= 1])
+    with pytest.raises(ValueError, match="first_frame"):
+        video.frame_pairs(latents, torch.zeros(3, 12, 64), first_frame="yes")
+
+    # Sampling: with a teacher, changing real frame 0 moves every sampled frame after it;
+    # changing real frame 2 moves only frame 3, the one sampled from it.
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:].normal_()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    teacher = torch.randn(2, 5, 4, 8, 8)
+
+    def forced(real):
+        return video.sample_frames(unet, scheduler, states, frames=5, num_inference_steps=2, teacher=real,
+                                   generator=torch.Generator().manual_seed(0))
+
+    def moved_by(f):
+        other = teacher.clone()
+        other[:, f] += 1
+        return (forced(other) - forced(teacher)).abs().amax((0, 2, 3, 4))
+
+    assert moved_by(0).min() > 1e-3
+    two = moved_by(2)
+    assert two[3] > 1e-3 and two[[0, 1, 2, 4]].max() == 0, two
+    # Image-to-video keeps the given first frame and reads it in every frame.
+    first_frame = torch.randn(2, 4, 8, 8)
+    a = video.sample_frames(unet, scheduler, states, first=first_frame, frames=4, num_inference_steps=2,
+                            generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a[:, 0], first_frame) and a.shape == (2, 4, 4, 8, 8)
+
 # --- chapter 9.2's exercise solutions: their code must run against these helpers --------------
 
 
@@ -555,19 +609,22 @@ def _frame_objective():
     return video.frame_objective(helpers.get_schedule("scaled_linear").alpha_bar, "v_prediction", torch.zeros(12, 64))
 
 
-def test_the_anchor_solution_puts_frame_0_in_the_second_context_slot():
+def test_the_without_anchor_solution_trains_and_samples_a_model_of_the_previous_frame_alone():
+    from diffusers import DDIMScheduler
+
     ns = _solution_namespace()
     exec(_solution_code("ex-09b-anchor"), ns)
-    model, (x0, states, context), latents = ns["model_anchored"], ns["data_anchored"], ns["latents"]
+    model, (x0, states, context), latents = ns["model_plain"], ns["data_plain"], ns["latents"]
     N, F, C = latents.shape[:3]
-    assert video.context_frames_of(model) == 2 and context.shape == (N * F, 2 * C + 3, 8, 8)
+    assert video.context_frames_of(model) == 1 and not video.first_frame_of(model)
+    assert context.shape == (N * F, C + 2, 8, 8) and model.config.in_channels == 2 * C + 2
     frame = torch.arange(F).repeat(N)
-    first = latents[:, :1].expand(-1, F, -1, -1, -1).flatten(0, 1)
-    previous = torch.roll(latents, 1, dims=1).flatten(0, 1)
-    later = frame >= 2  # the anchor's mask is off at frames 0 and 1, whose previous frame is frame 0 or none
-    assert torch.equal(context[later, C:2 * C], first[later]) and context[~later, C:2 * C].abs().max() == 0
-    assert torch.equal(context[frame >= 1, :C], previous[frame >= 1])
+    assert torch.equal(context[frame >= 1, :C], torch.roll(latents, 1, dims=1).flatten(0, 1)[frame >= 1])
     assert torch.isfinite(_frame_objective()(model, (x0, states, context)))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    clip = video.sample_frames(model.eval(), scheduler, torch.zeros(2, 12, 64), first=latents[:2, 0], frames=3,
+                               num_inference_steps=2)  # sample_frames needs no change
+    assert clip.shape == (2, 3, C, 8, 8)
 
 
 def test_the_index_solution_makes_the_model_blind_to_the_frame_index():
