@@ -636,7 +636,8 @@ def test_the_index_solution_makes_the_model_blind_to_the_frame_index():
     with torch.no_grad():
         model.conv_in.weight.normal_()  # context weights as after training, so the index could matter
     ema = copy.deepcopy(model)  # the trainer's EMA copy keeps the hook
-    x0, states, context = video.frame_pairs(ns["latents"][:2], torch.zeros(2, 12, 64))
+    assert video.first_frame_of(model)  # the page's model, with only the index removed
+    x0, states, context = video.frame_pairs(ns["latents"][:2], torch.zeros(2, 12, 64), first_frame=True)
     moved = context.clone()
     moved[:, -1] = 0.5 + moved[:, -1]
     t = torch.full((len(x0),), 500)
@@ -645,7 +646,7 @@ def test_the_index_solution_makes_the_model_blind_to_the_frame_index():
             a = m(torch.cat([x0, context], 1), t, encoder_hidden_states=states).sample
             b = m(torch.cat([x0, moved], 1), t, encoder_hidden_states=states).sample
         assert torch.equal(a, b)
-    plain = video.frame_unet(ns["unet2d"]).eval()
+    plain = video.frame_unet(ns["unet2d"], first_frame=True).eval()
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert not torch.equal(plain(torch.cat([x0, context], 1), t, encoder_hidden_states=states).sample,
