@@ -652,3 +652,37 @@ def test_the_index_solution_makes_the_model_blind_to_the_frame_index():
         assert not torch.equal(plain(torch.cat([x0, context], 1), t, encoder_hidden_states=states).sample,
                                plain(torch.cat([x0, moved], 1), t, encoder_hidden_states=states).sample)
     assert torch.isfinite(_frame_objective()(model.train(), (x0, states, context)))
+
+
+def test_the_four_times_solution_gives_the_model_two_previous_frames_and_frame_0():
+    from diffusers import DDIMScheduler
+
+    ns = _solution_namespace()
+    exec(_solution_code("ex-09b-budget"), ns)
+    model, (x0, states, context), latents = ns["model_k2"], ns["data_k2"], ns["latents"]
+    N, F, C = latents.shape[:3]
+    assert video.context_frames_of(model) == 2 and video.first_frame_of(model)
+    assert context.shape == (N * F, 3 * (C + 1) + 1, 8, 8) and model.config.in_channels == C + 3 * (C + 1) + 1
+    frame = torch.arange(F).repeat(N)
+    frames = latents.flatten(0, 1)
+    two_back = torch.roll(latents, 2, dims=1).flatten(0, 1)
+    first = latents[:, :1].expand_as(latents).flatten(0, 1)
+    assert torch.equal(context[frame >= 2, C:2 * C], two_back[frame >= 2])  # slot 2: frame f - 2
+    assert torch.equal(context[frame > 2, 2 * C:3 * C], first[frame > 2])  # slot 3: frame 0, where not already seen
+    masks = context[:, 3 * C:3 * C + 3, 0, 0]
+    assert torch.equal(masks, torch.stack([frame >= 1, frame >= 2, frame > 2], 1).float())
+    assert not torch.equal(frames, two_back)  # the test clips move, so the slots are not trivially equal
+    assert torch.isfinite(_frame_objective()(model, (x0, states, context)))
+    with torch.no_grad():
+        model.conv_in.weight.normal_(std=0.3)  # context weights as after training, so the context matters
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    teacher = latents[:2]
+    moved = teacher.clone()
+    moved[:, 1] += 1.0  # change real frame 1: frame 3 reads it only through the frame-before-previous slot
+    kw = dict(frames=4, num_inference_steps=2)
+    a = video.sample_frames(model.eval(), scheduler, torch.zeros(2, 12, 64), teacher=teacher,
+                            generator=torch.Generator().manual_seed(0), **kw)
+    b = video.sample_frames(model, scheduler, torch.zeros(2, 12, 64), teacher=moved,
+                            generator=torch.Generator().manual_seed(0), **kw)
+    assert not torch.allclose(a[:, 3], b[:, 3])  # sample_frames passes both previous frames
+    assert torch.equal(a[:, 1], b[:, 1])  # frame 1 is made from frame 0 alone
